@@ -1,0 +1,642 @@
+"""Latent shard formats, sample ids, image encoders, the timing schema and WebDataset tars."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import re
+import tarfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
+
+LATENT_FORMATS = ("diffusers", "pid")
+SHARD_SUFFIXES = (".safetensors", ".parquet")
+MAX_ID_CHARS = 128
+
+
+class ShardError(ValueError):
+    """A whole shard is unreadable (truncated, not a tensor file, inconsistent metadata)."""
+
+    def __init__(self, shard: str, reason: str):
+        super().__init__(shard, reason)
+        self.shard, self.reason = shard, reason
+
+    def __str__(self) -> str:
+        return f"shard {self.shard}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class ShardLimits:
+    """Per-sample sanity limits; anything beyond is an error record, not an allocation."""
+
+    max_elements: int = 4096 * 4096
+    max_channels: int = 4096
+    max_caption_chars: int = (
+        20_000  # longer captions are truncated (text encoders cut at 300 tokens)
+    )
+
+
+@dataclass(frozen=True)
+class LatentSample:
+    """One sample of a latent shard; `error` set (and latent None) when the sample is unusable."""
+
+    id: str
+    latent: np.ndarray | None  # float32 [C, h, w] or packed [seq, ch], owns its memory
+    caption: str | None
+    sigma: float | None
+    seed: int | None
+    backbone: str | None
+    latent_format: str | None
+    shard: str
+    index: int
+    error: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Ids and bfloat16
+
+
+def sanitize_id(raw: str) -> str:
+    """Id safe as an object key / file stem: [A-Za-z0-9._-], no '..' or leading dot, ≤128 chars.
+
+    Unchanged ids never contain '--'; changed ones end in '--' + 12 hex of sha256(raw), so distinct
+    raw ids stay distinct.
+    """
+    if not isinstance(raw, str):
+        raise ValueError(f"id must be a string, got {type(raw).__name__} {raw!r}")
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", raw)
+    safe = re.sub(r"\.{2,}", lambda m: "_" * len(m.group()), safe)
+    if safe.startswith("."):
+        safe = "_" + safe[1:]
+    if safe == raw and raw and "--" not in raw and len(raw) <= MAX_ID_CHARS:
+        return raw
+    digest = hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{safe[: MAX_ID_CHARS - 14] or '_'}--{digest}"
+
+
+def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """uint16 bfloat16 bit patterns → float32 (exact)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def float32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 → uint16 bfloat16 bit patterns, round-to-nearest-even, NaN kept NaN."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(x), np.uint16(0x7FC0), rounded)
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors (parsed here: the numpy API of safetensors has no bfloat16)
+
+_ST_DTYPES = {
+    "F64": ("<f8", 8), "F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2),
+    "I64": ("<i8", 8), "I32": ("<i4", 4), "I16": ("<i2", 2), "I8": ("i1", 1),
+    "U64": ("<u8", 8), "U32": ("<u4", 4), "U16": ("<u2", 2), "U8": ("u1", 1),
+}  # fmt: skip
+_NP_TO_ST = {"float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32"}
+_FLOAT_ST = ("F64", "F32", "F16", "BF16")
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+    raw: memoryview
+
+    def to_numpy(self) -> np.ndarray:
+        """A new float32 (float tensors) or int64 array."""
+        arr = np.frombuffer(self.raw, dtype=_ST_DTYPES[self.dtype][0]).reshape(self.shape)
+        if self.dtype == "BF16":
+            return bf16_to_float32(arr)
+        return arr.astype(np.float32) if self.dtype in _FLOAT_ST else arr.astype(np.int64)
+
+
+def _parse_safetensors(data: bytes, name: str) -> tuple[dict[str, _Tensor], dict[str, str]]:
+    """Tensors (zero-copy views) and string metadata of a safetensors file; ShardError if malformed."""
+    if len(data) < 8:
+        raise ShardError(name, f"truncated: {len(data)} bytes, not a safetensors file")
+    n = int.from_bytes(data[:8], "little")
+    if n < 2 or n > len(data) - 8:
+        raise ShardError(name, f"header length {n} does not fit a {len(data)}-byte file")
+    try:
+        header = json.loads(bytes(data[8 : 8 + n]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ShardError(name, f"unreadable safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise ShardError(name, "safetensors header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ShardError(name, "__metadata__ must map strings to strings")
+    body = memoryview(data)[8 + n :]
+    tensors = {}
+    for key, spec in header.items():
+        try:
+            dtype, shape, (lo, hi) = spec["dtype"], tuple(spec["shape"]), spec["data_offsets"]
+            ok = dtype in _ST_DTYPES and all(isinstance(d, int) and d >= 0 for d in shape)
+            ok = (
+                ok
+                and 0 <= lo <= hi <= len(body)
+                and hi - lo == math.prod(shape) * _ST_DTYPES[dtype][1]
+            )
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ShardError(name, f"tensor {key!r} has a bad or truncated entry {spec!r}")
+        tensors[key] = _Tensor(dtype, shape, body[lo:hi])
+    return tensors, meta
+
+
+def _safetensors_bytes(
+    tensors: dict[str, tuple[str, np.ndarray]], metadata: dict[str, str]
+) -> bytes:
+    """Serialise {name: (safetensors dtype, array)} with metadata (8-byte aligned header)."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    blobs, offset = [], 0
+    for key, (dtype, arr) in tensors.items():
+        blob = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<")).tobytes()
+        header[key] = {
+            "dtype": dtype,
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + len(blob)],
+        }
+        blobs.append(blob)
+        offset += len(blob)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return len(head).to_bytes(8, "little") + head + b"".join(blobs)
+
+
+def write_safetensors_shard(
+    latents: np.ndarray,
+    ids: list[str],
+    captions: list[str | None] | None = None,
+    sigmas: np.ndarray | list[float] | None = None,
+    seeds: np.ndarray | list[int] | None = None,
+    backbone: str | None = None,
+    latent_format: str | None = "pid",
+    dtype: str | None = None,
+) -> bytes:
+    """A safetensors latent shard: `latents` [N, ...] (dtype None keeps float32/16; or 'bfloat16')."""
+    n = len(latents)
+    if latents.ndim < 2 or len(ids) != n or (captions is not None and len(captions) != n):
+        raise ValueError(
+            f"latents {latents.shape}, {len(ids)} ids, captions {captions and len(captions)} disagree"
+        )
+    if dtype == "bfloat16":
+        tensors = {"latents": ("BF16", float32_to_bf16(latents.astype(np.float32)))}
+    elif (dtype or latents.dtype.name) in ("float32", "float16", "float64"):
+        arr = latents.astype(dtype or latents.dtype)
+        tensors = {"latents": (_NP_TO_ST[arr.dtype.name], arr)}
+    else:
+        raise ValueError(
+            f"dtype must be float32, float16, float64 or bfloat16, got {dtype or latents.dtype}"
+        )
+    if sigmas is not None:
+        tensors["sigmas"] = ("F32", np.asarray(sigmas, dtype=np.float32).reshape(n))
+    if seeds is not None:
+        tensors["seeds"] = ("I64", np.asarray(seeds, dtype=np.int64).reshape(n))
+    meta = {"ids": json.dumps(list(ids))}
+    if captions is not None:
+        meta["captions"] = json.dumps(list(captions))
+    if backbone is not None:
+        meta["backbone"] = backbone
+    if latent_format is not None:
+        meta["latent_format"] = latent_format
+    return _safetensors_bytes(tensors, meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parquet
+
+PARQUET_SHARD_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string()),
+        pa.field("latent", pa.binary()),  # raw little-endian bytes
+        pa.field("shape", pa.list_(pa.int32())),
+        pa.field("dtype", pa.string()),  # float32 | float16 | bfloat16
+        pa.field("caption", pa.string()),
+        pa.field("sigma", pa.float32()),
+        pa.field("seed", pa.int64()),
+        pa.field("backbone", pa.string()),
+        pa.field("latent_format", pa.string()),
+    ]
+)
+_PQ_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def write_parquet_shard(samples: list[dict]) -> bytes:
+    """A Parquet latent shard, one row per sample dict (id, latent, caption, sigma, seed, ..., dtype)."""
+    rows = []
+    for sample in samples:
+        lat = np.asarray(sample["latent"])
+        dtype = sample.get("dtype") or lat.dtype.name
+        if dtype not in _PQ_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_PQ_DTYPES)}, got {dtype!r}")
+        if dtype == "bfloat16":
+            raw = float32_to_bf16(lat.astype(np.float32))
+        else:
+            raw = lat.astype(np.dtype(dtype).newbyteorder("<"))
+        row = {k: sample.get(k) for k in PARQUET_SHARD_SCHEMA.names}
+        rows.append({**row, "latent": raw.tobytes(), "shape": list(lat.shape), "dtype": dtype})
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows, schema=PARQUET_SHARD_SCHEMA), sink)
+    return sink.getvalue().to_pybytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading shards
+
+
+_FIELDS = ("id", "caption", "sigma", "seed", "backbone", "latent_format")
+
+
+def _field_errors(f: dict, limits: ShardLimits) -> list[str]:
+    """Problems with one sample's scalar fields (id, caption, sigma, seed, backbone, format)."""
+    errs = []
+    if f["id"] is not None and not isinstance(f["id"], str):
+        errs.append(f"id must be a string, got {type(f['id']).__name__} {f['id']!r}")
+    if f["caption"] is not None and not isinstance(f["caption"], str):
+        errs.append(f"caption must be a string or null, got {type(f['caption']).__name__}")
+    sigma, seed = f["sigma"], f["seed"]
+    if sigma is not None and not (isinstance(sigma, (int, float)) and 0.0 <= sigma <= 1.0):
+        errs.append(f"sigma must be a number in [0, 1], got {sigma!r}")
+    if seed is not None and not (type(seed) is int and -(2**63) <= seed < 2**63):
+        errs.append(f"seed must be an int64, got {seed!r}")
+    if f["backbone"] is not None and not isinstance(f["backbone"], str):
+        errs.append(f"backbone must be a string, got {f['backbone']!r}")
+    if f["latent_format"] not in (None, *LATENT_FORMATS):
+        errs.append(f"latent_format must be one of {LATENT_FORMATS}, got {f['latent_format']!r}")
+    return errs
+
+
+def _shape_errors(shape: tuple[int, ...], limits: ShardLimits) -> list[str]:
+    """Problems with one sample's latent shape ([C, h, w] or packed [seq, ch])."""
+    if len(shape) not in (2, 3):
+        return [f"latent must be [C, h, w] or packed [seq, ch], got shape {list(shape)}"]
+    if math.prod(shape) == 0:
+        return [f"latent is empty, shape {list(shape)}"]
+    ch = shape[0] if len(shape) == 3 else shape[1]
+    if ch > limits.max_channels or math.prod(shape) > limits.max_elements:
+        return [
+            f"latent shape {list(shape)} exceeds limits "
+            f"({limits.max_channels} channels, {limits.max_elements} elements)"
+        ]
+    return []
+
+
+def _samples(
+    name: str, cols: dict[str, list], latents: list[_Tensor | str], limits: ShardLimits
+) -> list[LatentSample]:
+    """LatentSamples from per-sample fields and [1, ...] latent views (or why a latent is bad)."""
+    stem = sanitize_id(
+        re.sub(r"(?i)\.(safetensors|parquet)$", "", name.rstrip("/").rsplit("/", 1)[-1])
+    )
+    seen: dict[str, int] = {}
+    out = []
+    for i, src in enumerate(latents):
+        f = {k: cols[k][i] for k in _FIELDS}
+        errs = _field_errors(f, limits)
+        sid = sanitize_id(f["id"]) if isinstance(f["id"], str) else f"{stem}-{i:06d}"
+        if sid in seen:
+            errs.append(f"duplicate id {sid!r} (first at index {seen[sid]})")
+        seen.setdefault(sid, i)
+        errs += [src] if isinstance(src, str) else _shape_errors(src.shape[1:], limits)
+        latent = None
+        if not errs:
+            latent = src.to_numpy()[0]  # [C, h, w] | [seq, ch] float32, a fresh array
+            if bad := int(latent.size - np.isfinite(latent).sum()):
+                errs.append(f"latent has {bad} NaN/Inf values")
+        caption = f["caption"] if isinstance(f["caption"], str) else None
+        ok = not errs
+        out.append(
+            LatentSample(
+                id=sid,
+                latent=latent if ok else None,
+                caption=caption[: limits.max_caption_chars] if caption is not None else None,
+                sigma=float(f["sigma"]) if ok and f["sigma"] is not None else None,
+                seed=int(f["seed"]) if ok and f["seed"] is not None else None,
+                backbone=f["backbone"] if isinstance(f["backbone"], str) else None,
+                latent_format=f["latent_format"] if f["latent_format"] in LATENT_FORMATS else None,
+                shard=name,
+                index=i,
+                error=None if ok else f"{name}[{i}] id={sid!r}: " + "; ".join(errs),
+            )
+        )
+    return out
+
+
+def _json_list(meta: dict[str, str], key: str, n: int, name: str) -> list:
+    """A length-n JSON list from safetensors metadata ([None] * n when absent)."""
+    if meta.get(key) in (None, "null"):
+        return [None] * n
+    try:
+        value = json.loads(meta[key])
+    except json.JSONDecodeError as e:
+        raise ShardError(name, f"metadata {key!r} is not JSON ({e})") from None
+    if not isinstance(value, list) or len(value) != n:
+        raise ShardError(name, f"metadata {key!r} must be a JSON list of {n} entries")
+    return value
+
+
+def _vector(
+    tensors: dict[str, _Tensor], key: str, dtypes: tuple[str, ...], n: int, name: str
+) -> list | None:
+    """A [n] tensor as a Python list, None when absent."""
+    t = tensors.get(key)
+    if t is None:
+        return None
+    if t.dtype not in dtypes or t.shape != (n,):
+        raise ShardError(
+            name, f"tensor {key!r} must be [{n}] of {dtypes}, got {t.dtype} {list(t.shape)}"
+        )
+    return t.to_numpy().tolist()
+
+
+def _read_safetensors(data: bytes, name: str, limits: ShardLimits) -> list[LatentSample]:
+    tensors, meta = _parse_safetensors(data, name)
+    lat = tensors.get("latents")
+    if lat is None or lat.dtype not in _FLOAT_ST or len(lat.shape) < 1:
+        raise ShardError(name, f"needs a float tensor 'latents' [N, ...], has {sorted(tensors)}")
+    n = lat.shape[0]
+    if n == 0:
+        raise ShardError(name, "shard has no samples")
+    if meta.get("latent_format") not in (None, *LATENT_FORMATS):
+        raise ShardError(
+            name, f"latent_format must be one of {LATENT_FORMATS}, got {meta['latent_format']!r}"
+        )
+    seeds = _vector(tensors, "seeds", ("I64", "I32", "I16", "I8", "U32", "U16", "U8"), n, name)
+    cols = {
+        "id": _json_list(meta, "ids", n, name),
+        "caption": _json_list(meta, "captions", n, name),
+        "sigma": _vector(tensors, "sigmas", _FLOAT_ST, n, name) or [None] * n,
+        "seed": seeds or _json_list(meta, "seeds", n, name),
+        "backbone": [meta.get("backbone")] * n,
+        "latent_format": [meta.get("latent_format")] * n,
+    }
+    per = len(lat.raw) // n
+    views = [
+        _Tensor(lat.dtype, (1, *lat.shape[1:]), lat.raw[i * per : (i + 1) * per]) for i in range(n)
+    ]
+    return _samples(name, cols, views, limits)
+
+
+def _read_parquet(data: bytes, name: str, limits: ShardLimits) -> list[LatentSample]:
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowException, OSError) as e:
+        raise ShardError(name, f"unreadable Parquet ({e})") from None
+    missing = [c for c in ("latent", "shape", "dtype") if c not in table.column_names]
+    if missing:
+        raise ShardError(name, f"missing columns {missing}; has {table.column_names}")
+    if table.num_rows == 0:
+        raise ShardError(name, "shard has no samples")
+    cols = {
+        c: table.column(c).to_pylist() if c in table.column_names else [None] * table.num_rows
+        for c in PARQUET_SHARD_SCHEMA.names
+    }
+    views = [
+        _row_latent(*row) for row in zip(cols["latent"], cols["shape"], cols["dtype"], strict=True)
+    ]
+    return _samples(name, cols, views, limits)
+
+
+def _row_latent(raw: object, shape: object, dtype: object) -> _Tensor | str:
+    """A Parquet row's latent as a [1, ...] view, or why it cannot be decoded."""
+    if dtype not in _PQ_DTYPES:
+        return f"dtype must be one of {sorted(_PQ_DTYPES)}, got {dtype!r}"
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        return f"shape must be a list of non-negative ints, got {shape!r}"
+    need = math.prod(shape) * _ST_DTYPES[_PQ_DTYPES[dtype]][1]
+    if not isinstance(raw, bytes) or len(raw) != need:
+        got = len(raw) if isinstance(raw, bytes) else "no"
+        return f"latent has {got} bytes, shape {shape} {dtype} needs {need}"
+    return _Tensor(_PQ_DTYPES[dtype], (1, *shape), memoryview(raw))
+
+
+def read_shard(data: bytes, name: str, limits: ShardLimits | None = None) -> list[LatentSample]:
+    """Samples of a .safetensors or .parquet latent shard; ShardError if the shard is unreadable."""
+    limits = limits or ShardLimits()
+    lower = name.lower()
+    if lower.endswith(".safetensors"):
+        return _read_safetensors(data, name, limits)
+    if lower.endswith(".parquet"):
+        return _read_parquet(data, name, limits)
+    raise ShardError(name, f"unknown shard type; expected one of {SHARD_SUFFIXES}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+
+IMAGE_FORMATS = {"png": "png", "jpeg": "jpg", "webp": "webp"}  # format → file extension
+_FORMAT_ALIASES = {"jpg": "jpeg"}
+JPEG_QUALITY = 95
+# 4:4:4 (no chroma subsampling) keeps the decoder's fine colour detail. Measured on 2048² here
+# (Pillow 13): smooth 44 ms / 0.92 MB vs 29 ms / 0.59 MB for 4:2:0; noise 95 ms / 10.2 MB vs
+# 55 ms / 4.9 MB. Set 2 for 4:2:0 web delivery.
+JPEG_SUBSAMPLING = 0
+WEBP_QUALITY = 90
+# zlib level 1: 4.7x faster than Pillow's default 6 on a smooth 2048² image (391 vs 1837 ms here)
+# for 24 % more bytes (3.73 vs 3.00 MB); equal on noise.
+PNG_COMPRESS_LEVEL = 1
+
+
+def image_format(fmt: str) -> str:
+    """Canonical format name ('jpg' → 'jpeg'); ValueError listing the valid ones."""
+    canon = _FORMAT_ALIASES.get(str(fmt).lower(), str(fmt).lower())
+    if canon not in IMAGE_FORMATS:
+        raise ValueError(
+            f"image format must be one of {sorted(IMAGE_FORMATS)} (or 'jpg'), got {fmt!r}"
+        )
+    return canon
+
+
+def encode_image(
+    img: np.ndarray,
+    fmt: str,
+    quality: int | None = None,
+    *,
+    lossless: bool = False,
+    png_compress_level: int = PNG_COMPRESS_LEVEL,
+) -> bytes:
+    """Encode an [H, W, 3] uint8 image as png / jpeg (q95, 4:4:4) / webp (q90, method 0, or lossless).
+
+    `quality` applies to jpeg and lossy webp and is ignored for png and lossless webp, so one job
+    setting works for every format.
+    """
+    fmt = image_format(fmt)
+    if (
+        not isinstance(img, np.ndarray)
+        or img.dtype != np.uint8
+        or img.ndim != 3
+        or img.shape[2] != 3
+        or 0 in img.shape
+    ):
+        shape = getattr(img, "shape", None)
+        raise ValueError(
+            f"image must be a non-empty [H, W, 3] uint8 array, got {type(img).__name__} {shape} {getattr(img, 'dtype', '')}"
+        )
+    if quality is not None and not (isinstance(quality, int) and 1 <= quality <= 100):
+        raise ValueError(f"quality must be an int in [1, 100], got {quality!r}")
+    if lossless and fmt == "jpeg":
+        raise ValueError("jpeg has no lossless mode; use png or webp")
+    if not 0 <= png_compress_level <= 9:
+        raise ValueError(f"png_compress_level must be in [0, 9], got {png_compress_level}")
+    pil, buf = Image.fromarray(np.ascontiguousarray(img), "RGB"), io.BytesIO()
+    if fmt == "png":
+        pil.save(buf, "PNG", compress_level=png_compress_level)
+    elif fmt == "jpeg":
+        pil.save(buf, "JPEG", quality=quality or JPEG_QUALITY, subsampling=JPEG_SUBSAMPLING)
+    elif lossless:
+        pil.save(buf, "WEBP", lossless=True, quality=0, method=0)  # quality = effort when lossless
+    else:
+        pil.save(buf, "WEBP", quality=quality or WEBP_QUALITY, method=0)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing rows
+
+_REQUIRED = ("id", "shard", "index", "status")
+_MS = pa.float32()
+_TS = pa.timestamp("ms", tz="UTC")
+TIMING_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("index", pa.int32(), nullable=False),  # position of the sample in its shard
+        pa.field("status", pa.string(), nullable=False),  # "ok" | "error"
+        pa.field("error", pa.string()),  # redacted message when status == "error"
+        pa.field("backbone", pa.string()),
+        pa.field("variant", pa.string()),
+        pa.field("checkpoint", pa.string()),
+        pa.field("height", pa.int32()),  # output pixels
+        pa.field("width", pa.int32()),
+        pa.field("steps", pa.int16()),
+        pa.field("seed", pa.int64()),
+        pa.field("sigma", pa.float32()),
+        pa.field("read_ms", _MS),  # this sample's share of reading + parsing its shard
+        pa.field("queue_ms", _MS),  # parsed → decoder start
+        pa.field("decode_ms", _MS),  # this sample's share of its decoder batch
+        pa.field("text_ms", _MS),  # this sample's share of caption encoding (text encoder)
+        pa.field("encode_ms", _MS),
+        pa.field("write_ms", _MS),
+        pa.field("bytes", pa.int64()),  # encoded output size
+        pa.field("node", pa.string()),
+        pa.field("accelerator", pa.string()),
+        pa.field("actor", pa.string()),
+        pa.field("batch_size", pa.int32()),
+        pa.field("started_at", _TS),
+        pa.field("finished_at", _TS),
+        pa.field("output", pa.string()),  # object key or tar member
+        pa.field("crop", pa.string()),  # for image inputs: the crop that was taken
+    ],
+    metadata={"pid_batch.timing_version": "1"},
+)
+
+
+def timing_table(rows: list[dict]) -> pa.Table:
+    """Timing rows → a table with TIMING_SCHEMA; absent nullable columns become null.
+
+    Timestamps may be aware datetimes or epoch seconds (int/float).
+    """
+    known = set(TIMING_SCHEMA.names)
+    norm = []
+    for i, row in enumerate(rows):
+        if extra := sorted(set(row) - known):
+            raise ValueError(f"timing row {i} has unknown columns {extra}")
+        if missing := [c for c in _REQUIRED if row.get(c) is None]:
+            raise ValueError(f"timing row {i} lacks required columns {missing}: {row!r}")
+        row = dict(row)
+        for c in ("started_at", "finished_at"):
+            if isinstance(row.get(c), (int, float, np.integer, np.floating)):
+                row[c] = datetime.fromtimestamp(float(row[c]), tz=timezone.utc)
+        norm.append(row)
+    table = pa.Table.from_pylist(norm, schema=TIMING_SCHEMA)
+    validate_timing_table(table)
+    return table
+
+
+def validate_timing_table(t: pa.Table) -> None:
+    """Raise ValueError unless t has exactly TIMING_SCHEMA's columns/types and valid status rows."""
+    names = set(t.column_names)
+    missing = [c for c in TIMING_SCHEMA.names if c not in names]
+    extra = sorted(names - set(TIMING_SCHEMA.names))
+    if missing or extra:
+        raise ValueError(f"timing table columns differ: missing {missing}, unexpected {extra}")
+    for field in TIMING_SCHEMA:
+        got = t.schema.field(field.name).type
+        if got != field.type:
+            raise ValueError(f"timing column {field.name!r} has type {got}, expected {field.type}")
+    for c in _REQUIRED:
+        if t.column(c).null_count:
+            raise ValueError(f"timing column {c!r} has {t.column(c).null_count} nulls")
+    bad = set(pc.unique(t.column("status")).to_pylist()) - {"ok", "error"}
+    if bad:
+        raise ValueError(f"timing status must be 'ok' or 'error', got {sorted(bad)}")
+    no_msg = pc.sum(
+        pc.and_(pc.equal(t.column("status"), "error"), pc.is_null(t.column("error")))
+    ).as_py()
+    if no_msg:
+        raise ValueError(f"{no_msg} timing rows have status 'error' but no error message")
+
+
+# ---------------------------------------------------------------------------------------------
+# WebDataset tars
+
+
+def sample_members(sample_id: str, ext: str, payload: bytes, meta: dict) -> list[tuple[str, bytes]]:
+    """The two tar members of one sample: '<id>.<ext>' and '<id>.json' (sorted keys)."""
+    return [
+        (f"{sample_id}.{ext}", payload),
+        (f"{sample_id}.json", json.dumps(meta, sort_keys=True).encode()),
+    ]
+
+
+def build_tar(members: list[tuple[str, bytes]]) -> bytes:
+    """A deterministic tar (mtime 0, uid/gid 0, mode 0644, given order); flat, unique names only."""
+    buf, seen = io.BytesIO(), set()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            if (
+                not name
+                or "/" in name
+                or "\\" in name
+                or name.startswith(".")
+                or ".." in name
+                or name in seen
+            ):
+                raise ValueError(
+                    f"tar member name must be flat, unique and not start with '.', got {name!r}"
+                )
+            seen.add(name)
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def read_tar(data: bytes) -> dict[str, bytes]:
+    """Regular-file members of a tar by name; ValueError if unreadable or names repeat."""
+    out: dict[str, bytes] = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                if m.name in out:
+                    raise ValueError(f"tar has member {m.name!r} twice")
+                out[m.name] = tar.extractfile(m).read()
+    except tarfile.TarError as e:
+        raise ValueError(f"unreadable tar ({e})") from None
+    return out

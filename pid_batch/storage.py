@@ -1,0 +1,550 @@
+"""URIs → filesystems, retried atomic IO, secret redaction and a per-node weight cache (pyarrow.fs)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SUPPORTED_SCHEMES = ("s3://", "file://", "<plain local path>")
+# pyarrow's own (per-request) retries; AWS "standard" mode backs off with jitter on 5xx/throttling.
+S3_MAX_ATTEMPTS = 5
+S3_CONNECT_TIMEOUT_S = 10.0
+# Socket read timeout; pyarrow applies it on Windows/macOS only (AWS SDK limitation on Linux).
+S3_REQUEST_TIMEOUT_S = 60.0
+# Our outer retries wrap whole operations (a reset in the middle of a streamed body, 503 bursts).
+RETRY_ATTEMPTS = 4
+RETRY_BASE_DELAY_S = 0.5
+RETRY_MAX_DELAY_S = 8.0
+CHUNK_BYTES = 8 << 20
+DIR_MARKER = ".pid-batch-complete.json"
+
+# ---------------------------------------------------------------------------------------------
+# Secret redaction
+
+
+_SECRET_NAMES = (
+    r"aws_secret_access_key|aws_session_token|aws_security_token|secret_access_key|secret_key|"
+    r"session_token|security_token|x-amz-security-token|x-amz-credential|x-amz-signature|"
+    r"awsaccesskeyid|signature|password|passwd|token|access_key|aws_access_key_id"
+)
+_REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
+    # Query strings of (presigned) URLs: keep scheme/host/path, drop every parameter.
+    (
+        re.compile(
+            r"(?i)((?:https?|s3)://[^\s?#\"'<>]*)\?[^\s\"'<>]*(?:x-amz-|signature=|awsaccesskeyid=|token=|sig=)[^\s\"'<>]*"
+        ),
+        r"\1?[REDACTED]",
+    ),
+    (re.compile(r"(?i)(authorization\s*[:=]\s*)[^\r\n]+"), r"\1[REDACTED]"),
+    (re.compile(rf"(?i)\b({_SECRET_NAMES})(\"?\s*[:=]\s*[\"']?)[^\s\"'&,;}}]+"), r"\1\2[REDACTED]"),
+    (
+        re.compile(r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|AIPA|ANPA|ANVA|AKPA|ABIA|ACCA)[A-Z0-9]{12,}\b"),
+        "[REDACTED-KEY-ID]",
+    ),
+    # Session tokens / long base64 blobs.
+    (re.compile(r"[A-Za-z0-9/+]{100,}={0,2}"), "[REDACTED-TOKEN]"),
+    # 40-char secret access keys: base64 alphabet with upper, lower and digit (hex digests don't match).
+    (
+        re.compile(
+            r"(?<![A-Za-z0-9/+=])(?=[A-Za-z0-9/+]*[A-Z])(?=[A-Za-z0-9/+]*[a-z])(?=[A-Za-z0-9/+]*[0-9])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])"
+        ),
+        "[REDACTED-SECRET]",
+    ),
+)
+
+
+def redact(text: str) -> str:
+    """Remove AWS key ids, secret keys, session tokens and presigned-URL query strings from text."""
+    for pattern, repl in _REDACTIONS:
+        text = pattern.sub(repl, text)
+    return text
+
+
+def _scrubbed(exc: BaseException) -> BaseException:
+    """The same exception, or a copy of its type whose message has been redacted."""
+    msg = str(exc)
+    clean = redact(msg)
+    if clean == msg:
+        return exc
+    try:
+        return type(exc)(clean)
+    except Exception:
+        return OSError(clean)
+
+
+# ---------------------------------------------------------------------------------------------
+# Retries
+
+# pyarrow reports S3 failures as OSError("... AWS Error <CODE> [(HTTP status NNN)] during <Op> ...").
+_PERMANENT = re.compile(
+    r"access.?denied|forbidden|no.?such.?(key|bucket)|invalid.?access.?key|signature.?does.?not|"
+    r"expired.?token|invalid.?token|(http status|response code) 4(0[0-79]|1\d)"
+)
+_TRANSIENT = re.compile(
+    r"slow.?down|throttl|\b(429|500|502|503|504)\b|service.?unavailable|internal.?(failure|error)|"
+    r"request.?timeout|timed out|timeout|connection|network|\breset\b|broken pipe|temporar|"
+    r"try again|curlcode|short read"
+)
+
+
+_PERMANENT_TYPES = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether an IO error is worth retrying (throttling, 5xx, resets, timeouts)."""
+    if isinstance(exc, _PERMANENT_TYPES):
+        return False
+    if isinstance(exc, (TimeoutError, ConnectionError)):
+        return True
+    if not isinstance(exc, OSError):
+        return False
+    msg = str(exc).lower()
+    return not _PERMANENT.search(msg) and bool(_TRANSIENT.search(msg))
+
+
+def retry(
+    fn: Callable[[], T],
+    attempts: int = RETRY_ATTEMPTS,
+    base_delay: float = RETRY_BASE_DELAY_S,
+    max_delay: float = RETRY_MAX_DELAY_S,
+    what: str = "storage operation",
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Call fn, retrying transient errors with exponential backoff + jitter; errors come out redacted."""
+    if attempts < 1:
+        raise ValueError(f"attempts must be >= 1, got {attempts}")
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            if attempt == attempts or not is_transient(exc):
+                clean = _scrubbed(exc)
+                if clean is exc:
+                    raise
+                raise clean from None
+            cap = min(max_delay, base_delay * 2 ** (attempt - 1))
+            delay = cap / 2 + random.uniform(0, cap / 2)
+            log.warning(
+                "%s failed (attempt %d/%d), retrying in %.2fs: %s",
+                what, attempt, attempts, delay, redact(str(exc)),
+            )  # fmt: skip
+            sleep(delay)
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------------------------------------
+# URIs → filesystems
+
+_FS_CACHE: dict[tuple[str, str | None, str | None], pafs.FileSystem] = {}
+_FS_LOCK = threading.Lock()
+_LOCAL = pafs.LocalFileSystem()
+
+
+class _S3FileSystem(pafs.S3FileSystem):
+    """S3FileSystem that unpickles through the per-process cache (keeps our retries and timeouts)."""
+
+    def __reduce__(self):  # noqa: D105
+        return _s3_filesystem, self._pid_batch_spec
+
+
+def _s3_filesystem(scheme: str, endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+    """The cached S3 filesystem for one (scheme, endpoint, region); credentials from the AWS chain."""
+    key = (scheme, endpoint, region)
+    with _FS_LOCK:
+        fs = _FS_CACHE.get(key)
+        if fs is None:
+            fs = _S3FileSystem(
+                scheme=scheme,
+                endpoint_override=endpoint,
+                region=region,
+                connect_timeout=S3_CONNECT_TIMEOUT_S,
+                request_timeout=S3_REQUEST_TIMEOUT_S,
+                retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+            )
+            fs._pid_batch_spec = key
+            _FS_CACHE[key] = fs
+    return fs
+
+
+def s3_endpoint() -> tuple[str, str | None]:
+    """(scheme, host[:port]) of the S3 endpoint from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL."""
+    if os.environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").lower() == "true":
+        return "https", None
+    url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not url:
+        return "https", None
+    parsed = urlparse(url if "://" in url else f"https://{url}")
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ValueError(
+            f"AWS endpoint URL must look like http(s)://host[:port], got {redact(url)!r}"
+        )
+    return parsed.scheme, parsed.netloc
+
+
+def _region() -> str | None:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
+
+
+def _split(uri: str) -> tuple[str, str]:
+    """('s3' | 'file' | 'path', filesystem path) for a URI; raises ValueError on others."""
+    if not isinstance(uri, str) or not uri:
+        raise ValueError(f"expected a non-empty URI string, got {uri!r}")
+    if uri.startswith("s3://"):
+        path = uri[5:].strip("/")
+        if not path or path.startswith("/") or len(path.split("/", 1)[0]) < 3:
+            raise ValueError(f"S3 URI must be s3://bucket[/key], got {uri!r}")
+        return "s3", path
+    if uri.startswith("file://"):
+        parsed = urlparse(uri)
+        if parsed.netloc not in ("", "localhost"):
+            raise ValueError(f"file URI must be file:///absolute/path, got {uri!r}")
+        return "file", os.path.abspath(parsed.path or "/")
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", uri):
+        raise ValueError(
+            f"unsupported URI scheme in {uri!r}; supported: {', '.join(SUPPORTED_SCHEMES)}"
+        )
+    return "path", os.path.abspath(os.path.expanduser(uri))
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path within it) for a local path, file:// or s3:// URI."""
+    kind, path = _split(uri)
+    if kind != "s3":
+        return _LOCAL, path
+    scheme, endpoint = s3_endpoint()
+    return _s3_filesystem(scheme, endpoint, _region()), path
+
+
+def is_local(uri: str) -> bool:
+    """Whether the URI names the local filesystem."""
+    return _split(uri)[0] != "s3"
+
+
+def _to_uri(kind: str, path: str) -> str:
+    return {"s3": "s3://", "file": "file://", "path": ""}[kind] + path
+
+
+def join(uri: str, *parts: str) -> str:
+    """uri/part1/part2...; refuses '..' segments so ids can never climb out of a prefix."""
+    out = uri.rstrip("/") or "/"
+    for part in parts:
+        segs = [s for s in str(part).split("/") if s]
+        if ".." in segs:
+            raise ValueError(f"path part must not contain '..', got {part!r}")
+        if segs:
+            out = out.rstrip("/") + "/" + "/".join(segs)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Operations
+
+
+def list_files(
+    uri: str, suffixes: tuple[str, ...] | list[str] | str | None = None, recursive: bool = True
+) -> list[str]:
+    """Sorted full URIs of the files under uri (or [uri] if it is a file); dotfiles are skipped."""
+    kind, path = _split(uri)
+    fs, _ = resolve(uri)
+    if isinstance(suffixes, str):
+        suffixes = (suffixes,)
+    info = retry(lambda: fs.get_file_info(path), what=f"stat {uri}")
+    if info.type == pafs.FileType.File:
+        infos = [info]
+    elif info.type == pafs.FileType.NotFound:
+        return []
+    else:
+        sel = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
+        infos = retry(lambda: fs.get_file_info(sel), what=f"list {uri}")
+    out = []
+    for fi in infos:
+        if fi.type != pafs.FileType.File or fi.base_name.startswith("."):
+            continue
+        if suffixes and not fi.base_name.lower().endswith(tuple(s.lower() for s in suffixes)):
+            continue
+        out.append(_to_uri(kind, fi.path))
+    return sorted(out)
+
+
+def read_bytes(uri: str) -> bytes:
+    """Whole object / file contents (retried)."""
+    fs, path = resolve(uri)
+
+    def _read() -> bytes:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+
+    return retry(_read, what=f"read {uri}")
+
+
+def _fsync_dir(path: str) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_local_atomic(path: str, data: bytes | memoryview) -> None:
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(
+        parent, f".{os.path.basename(path)}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    )
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies, unlike mkstemp
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(parent)
+
+
+def write_bytes_atomic(uri: str, data: bytes | memoryview) -> None:
+    """Write so readers see the old object or the whole new one, never a part.
+
+    Local: temp file in the same directory, fsync, os.replace. S3: one PutObject (or, above
+    pyarrow's part size, a multipart upload), which becomes visible only once complete.
+    """
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        retry(lambda: _write_local_atomic(path, data), what=f"write {uri}")
+        return
+
+    def _put() -> None:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+    retry(_put, what=f"write {uri}")
+
+
+def write_json_atomic(uri: str, obj: Any) -> None:
+    """Atomically write obj as sorted, indented JSON (NaN refused)."""
+    data = json.dumps(obj, sort_keys=True, indent=2, allow_nan=False).encode() + b"\n"
+    write_bytes_atomic(uri, data)
+
+
+def read_json(uri: str) -> Any:
+    """Parse a JSON object written by write_json_atomic (or anyone)."""
+    return json.loads(read_bytes(uri))
+
+
+def exists(uri: str) -> bool:
+    """Whether a file, object or non-empty prefix exists at uri."""
+    fs, path = resolve(uri)
+    info = retry(lambda: fs.get_file_info(path), what=f"stat {uri}")
+    return info.type != pafs.FileType.NotFound
+
+
+def size(uri: str) -> int:
+    """Size in bytes of a file/object; FileNotFoundError if absent."""
+    fs, path = resolve(uri)
+    info = retry(lambda: fs.get_file_info(path), what=f"stat {uri}")
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"no file at {uri}")
+    return int(info.size)
+
+
+def delete(uri: str, missing_ok: bool = True) -> None:
+    """Delete one file/object."""
+    fs, path = resolve(uri)
+    try:
+        retry(lambda: fs.delete_file(path), what=f"delete {uri}")
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-node weight cache
+
+
+def default_cache_dir() -> Path:
+    """$PID_BATCH_CACHE or ~/.cache/pid-batch/weights."""
+    env = os.environ.get("PID_BATCH_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "pid-batch" / "weights"
+
+
+def _cache_name(uri: str) -> str:
+    """Stable cache entry name: hash of (endpoint, uri) + a readable, safe basename."""
+    _, endpoint = s3_endpoint()
+    digest = hashlib.sha256(f"{endpoint or ''}|{uri}".encode()).hexdigest()[:16]
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", uri.rstrip("/").rsplit("/", 1)[-1]).lstrip(".")[:80]
+    return f"{digest}-{base or 'object'}"
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    with open(lock_path, "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _check_sha256(sha256: str | None) -> str | None:
+    if sha256 is None:
+        return None
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
+        raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
+    return sha256.lower()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _download(fs: pafs.FileSystem, path: str, uri: str, dest: Path) -> tuple[int, str]:
+    """Stream one object to dest (fsynced); returns (size, sha256); short reads are errors."""
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"no object at {uri}")
+    h, n = hashlib.sha256(), 0
+    try:
+        with fs.open_input_stream(path) as src, open(dest, "wb") as out:
+            while chunk := src.read(CHUNK_BYTES):
+                h.update(chunk)
+                out.write(chunk)
+                n += len(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        if n != info.size:
+            raise OSError(f"short read of {uri}: got {n} of {info.size} bytes")
+    except BaseException:
+        _remove(dest)
+        raise
+    return n, h.hexdigest()
+
+
+def fetch_to_cache(
+    uri: str, cache_dir: str | Path | None = None, sha256: str | None = None
+) -> Path:
+    """Local path of a weight file: local paths as is, s3:// downloaded once per node (locked, atomic).
+
+    The cached copy is trusted when its size matches the size recorded at download time (and the
+    recorded sha256 matches `sha256` if given): remote objects are treated as immutable.
+    """
+    want = _check_sha256(sha256)
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        local = Path(path)
+        if not local.is_file():
+            raise FileNotFoundError(f"weight file not found: {local}")
+        if want and (got := _file_sha256(local)) != want:
+            raise ValueError(f"sha256 mismatch for {local}: expected {want}, got {got}")
+        return local
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    name = _cache_name(uri)
+    target, meta = root / name, root / f".{name}.meta.json"
+    with _locked(root / f".{name}.lock"):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            rec = json.loads(meta.read_text())
+            if (
+                rec["uri"] == uri
+                and target.stat().st_size == rec["size"]
+                and (want is None or rec["sha256"] == want)
+            ):
+                return target
+        for stale in [target, meta, *root.glob(f".{name}.tmp-*")]:
+            _remove(stale)  # only a crashed holder of this lock can have left a temp file
+        tmp = root / f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        n, got = retry(lambda: _download(fs, path, uri, tmp), what=f"download {uri}")
+        if want and got != want:
+            _remove(tmp)
+            raise ValueError(f"sha256 mismatch for {uri}: expected {want}, got {got}")
+        os.replace(tmp, target)
+        _write_local_atomic(str(meta), json.dumps({"uri": uri, "size": n, "sha256": got}).encode())
+    log.info("cached %s (%d bytes) at %s", uri, n, target)
+    return target
+
+
+def fetch_dir_to_cache(uri: str, cache_dir: str | Path | None = None) -> Path:
+    """Local directory with every object under an s3:// prefix (local dirs as is); marker written last."""
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"directory not found: {path}")
+        return Path(path)
+    uri = uri.rstrip("/")
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    name = _cache_name(uri)
+    target = root / name
+    with _locked(root / f".{name}.lock"):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+            rec = json.loads((target / DIR_MARKER).read_text())
+            if rec["uri"] == uri and all(
+                (target / r).stat().st_size == n for r, n in rec["files"].items()
+            ):
+                return target
+        for stale in [target, *root.glob(f".{name}.tmp-*")]:
+            _remove(stale)
+        prefix = path.rstrip("/") + "/"
+        infos = retry(
+            lambda: fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)),
+            what=f"list {uri}",
+        )
+        rels = sorted(fi.path[len(prefix) :] for fi in infos if fi.type == pafs.FileType.File)
+        if not rels:
+            raise FileNotFoundError(f"no objects under {uri}")
+        tmp = root / f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        files: dict[str, int] = {}
+        try:
+            for rel in rels:
+                if ".." in rel.split("/") or rel.startswith("/") or rel == DIR_MARKER:
+                    raise ValueError(f"refusing object key {rel!r} under {uri}")
+                dest = tmp / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                src = f"{prefix}{rel}"
+                files[rel] = retry(
+                    lambda s=src, d=dest: _download(fs, s, f"s3://{s}", d)[0],
+                    what=f"download s3://{src}",
+                )
+            os.replace(tmp, target)
+        except BaseException:
+            _remove(tmp)
+            raise
+        _write_local_atomic(
+            str(target / DIR_MARKER), json.dumps({"uri": uri, "files": files}).encode()
+        )
+    log.info("cached %s (%d files) at %s", uri, len(files), target)
+    return target
