@@ -1,0 +1,299 @@
+"""The warm decoder a worker holds: weights loaded once, batch of PiD latents → uint8 images.
+
+No Ray here: the pipeline's actor is a thin adapter around `Decoder`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pid_batch.checkpoint import load_net
+from pid_batch.config import CheckpointSpec, NetConfig, tiny
+from pid_batch.model import PidNet
+from pid_batch.sampling import (
+    initial_noise,
+    per_sample_generators,
+    sample,
+    student_t_list,
+    to_uint8,
+)
+
+# Paper anchor (PiD, RTX 5090): 13 GB peak at a 2048² output with batch 1, of which ~2.8 GB are
+# bf16 weights; the rest scales with the number of output pixels.
+_ACTIVATION_BYTES_PER_PIXEL = (13.0 - 2.8) * 2**30 / 2048**2
+# Headroom left for the allocator, the text encoder and fragmentation.
+_MEMORY_HEADROOM = 0.80
+_MAX_AUTO_MICRO_BATCH = 16
+
+
+class SampleError(ValueError):
+    """A problem with one sample; the pipeline turns it into an error row and goes on."""
+
+    def __init__(self, sample_id: str | None, reason: str):
+        self.sample_id = sample_id
+        self.reason = reason
+        super().__init__(f"sample {sample_id!r}: {reason}" if sample_id is not None else reason)
+
+
+def net_config_for(spec: CheckpointSpec, preset: str) -> NetConfig:
+    """The network a job builds: the released variant, or its tiny twin for CPU runs."""
+    if preset == "full":
+        return spec.net_config
+    if preset == "tiny":
+        return tiny(spec.net_config)
+    raise ValueError(f"preset={preset!r}; valid: ('full', 'tiny')")
+
+
+def validate_latent_shape(
+    spec: CheckpointSpec,
+    cfg: NetConfig,
+    shape: Sequence[int],
+    sample_id: str | None = None,
+    trained_sizes_only: bool = True,
+) -> tuple[int, int]:
+    """Check a PiD-form latent [C, h, w] against the checkpoint; return the output (H, W).
+
+    `trained_sizes_only` enforces SPEC §7's hard limit (dinov2/siglip decode only 2048²); the
+    tiny preset turns it off so tests can run those code paths at small sizes.
+    """
+    if len(shape) != 3:
+        raise SampleError(sample_id, f"PiD latent must be [C, h, w]; got shape {tuple(shape)}")
+    c, h, w = (int(s) for s in shape)
+    if c != cfg.lq_latent_channels:
+        raise SampleError(
+            sample_id,
+            f"{spec.backbone} latent must have {cfg.lq_latent_channels} channels "
+            f"[{cfg.lq_latent_channels}, h, w]; got shape {tuple(shape)}",
+        )
+    if h < 1 or w < 1:
+        raise SampleError(sample_id, f"empty latent of shape {tuple(shape)}")
+    height, width = spec.output_hw(h, w)
+    if height % cfg.patch_size or width % cfg.patch_size:
+        raise SampleError(
+            sample_id,
+            f"output {height}x{width} is not a multiple of the patch size {cfg.patch_size}",
+        )
+    if trained_sizes_only and spec.square_only and (height, width) != (2048, 2048):
+        raise SampleError(
+            sample_id,
+            f"{spec.backbone} decodes only 2048x2048 (latent [{c}, {2048 // (spec.vae_scale * spec.sr_scale)}, "
+            f"{2048 // (spec.vae_scale * spec.sr_scale)}]); got shape {tuple(shape)}",
+        )
+    return height, width
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """CUDA when present, else CPU (or what the caller names)."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def accelerator_name(device: torch.device) -> str:
+    """A human-readable accelerator label for timing rows, e.g. 'NVIDIA H100 80GB HBM3' or 'cpu'."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def auto_micro_batch(device: torch.device, height: int, width: int, weight_bytes: int) -> int:
+    """Largest batch expected to fit the accelerator at this output size (1 on CPU)."""
+    if device.type != "cuda":
+        return 1
+    free, _total = torch.cuda.mem_get_info(device)
+    budget = free * _MEMORY_HEADROOM - weight_bytes
+    per_image = _ACTIVATION_BYTES_PER_PIXEL * height * width
+    return int(max(1, min(_MAX_AUTO_MICRO_BATCH, budget // per_image)))
+
+
+@dataclass
+class DecodeOutput:
+    """Images [B, H, W, 3] uint8 plus per-sample timing (ms; batch costs split evenly)."""
+
+    images: np.ndarray
+    text_ms: list[float]
+    decode_ms: list[float]
+    compile_ms: float
+    micro_batch: int
+
+
+class Decoder:
+    """A PiD network, its text encoder and sampler settings, loaded once and kept warm."""
+
+    def __init__(
+        self,
+        spec: CheckpointSpec,
+        *,
+        preset: str = "full",
+        checkpoint: str | Path | None = None,
+        checkpoint_sha256: str | None = None,
+        text_encoder=None,
+        steps: int | None = None,
+        device: str | torch.device | None = None,
+        dtype: str = "auto",
+        compile: bool = False,
+        micro_batch: int = 0,
+        init_seed: int = 0,
+    ):
+        self.spec = spec
+        self.preset = preset
+        self.cfg = net_config_for(spec, preset)
+        self.device = pick_device(device)
+        self.steps = steps or spec.steps
+        self.t_list = student_t_list(spec.t_list, self.steps)
+        self.micro_batch = micro_batch
+        # Reference precision (SPEC §8): fp32 weights under bf16 autocast on CUDA; fp32 on CPU.
+        self.autocast_dtype = None
+        weight_dtype = torch.float32
+        if dtype == "auto":
+            if self.device.type == "cuda":
+                self.autocast_dtype = torch.bfloat16
+        elif dtype in ("bfloat16", "float16"):
+            weight_dtype = getattr(torch, dtype)
+        elif dtype != "float32":
+            raise ValueError(f"dtype={dtype!r}; valid: auto, float32, bfloat16, float16")
+        self.weight_dtype = weight_dtype
+
+        t0 = time.perf_counter()
+        if checkpoint is not None:
+            self.net = load_net(
+                checkpoint,
+                self.cfg,
+                device=self.device,
+                dtype=weight_dtype,
+                sha256=checkpoint_sha256,
+            )
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(init_seed)
+                self.net = PidNet(self.cfg).to(device=self.device, dtype=weight_dtype)
+        self.net.eval().requires_grad_(False)
+        self.load_s = time.perf_counter() - t0
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.net.parameters())
+        self.text_encoder = text_encoder
+        self.compile = compile
+        self._compiled: dict[tuple[int, int, int], Callable] = {}
+        self.accelerator = accelerator_name(self.device)
+
+    # -- public ---------------------------------------------------------------------------
+
+    def micro_batch_for(self, height: int, width: int) -> int:
+        """Micro-batch for this output size: the configured one, or sized from free memory."""
+        if self.micro_batch:
+            return self.micro_batch
+        return auto_micro_batch(self.device, height, width, self.weight_bytes)
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        latents: Sequence[np.ndarray | torch.Tensor],
+        sigmas: Sequence[float],
+        seeds: Sequence[int],
+        captions: Sequence[str] | None = None,
+        caption_embs: torch.Tensor | None = None,
+        ids: Sequence[str] | None = None,
+    ) -> DecodeOutput:
+        """Decode same-shape PiD latents [C, h, w] to images; one noise stream per seed."""
+        n = len(latents)
+        if not (len(sigmas) == len(seeds) == n):
+            raise ValueError(f"got {n} latents, {len(sigmas)} sigmas and {len(seeds)} seeds")
+        if n == 0:
+            raise ValueError("decode() needs at least one latent")
+        ids = list(ids) if ids is not None else [str(i) for i in range(n)]
+        shapes = {tuple(lat.shape) for lat in latents}
+        if len(shapes) != 1:
+            raise ValueError(f"decode() needs latents of one shape (bucket them); got {shapes}")
+        height, width = validate_latent_shape(
+            self.spec, self.cfg, next(iter(shapes)), ids[0], self.preset == "full"
+        )
+
+        t0 = time.perf_counter()
+        if caption_embs is None:
+            if self.text_encoder is None:
+                raise ValueError("no text encoder loaded and no caption_embs given")
+            caption_embs = self.text_encoder.encode(
+                [c if c is not None else "" for c in (captions or [""] * n)]
+            )
+        text_ms = (time.perf_counter() - t0) * 1000 / n
+
+        micro = self.micro_batch_for(height, width)
+        images = np.empty((n, height, width, 3), np.uint8)
+        decode_ms = [0.0] * n
+        compile_ms = 0.0
+        for start in range(0, n, micro):
+            stop = min(start + micro, n)
+            t1 = time.perf_counter()
+            out, c_ms = self._decode_micro(
+                latents[start:stop],
+                sigmas[start:stop],
+                seeds[start:stop],
+                caption_embs[start:stop],
+                height,
+                width,
+                micro,
+            )
+            images[start:stop] = out
+            compile_ms += c_ms
+            per = ((time.perf_counter() - t1) * 1000 - c_ms) / (stop - start)
+            decode_ms[start:stop] = [per] * (stop - start)
+        return DecodeOutput(images, [text_ms] * n, decode_ms, compile_ms, micro)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _net_for(self, height: int, width: int, batch: int) -> tuple[Callable, bool]:
+        """The network callable for a bucket; compiled once per (H, W, batch) when enabled."""
+        if not self.compile:
+            return self.net, False
+        key = (height, width, batch)
+        fresh = key not in self._compiled
+        if fresh:
+            self._compiled[key] = torch.compile(self.net, dynamic=False, fullgraph=False)
+        return self._compiled[key], fresh
+
+    def _decode_micro(self, latents, sigmas, seeds, embs, height, width, micro):
+        b = len(latents)
+        lq = torch.stack([torch.as_tensor(np.asarray(x, np.float32)) for x in latents])
+        lq = lq.to(self.device)  # [b, C, h, w]
+        sigma = torch.tensor(list(sigmas), dtype=torch.float32, device=self.device)  # [b]
+        embs = embs.to(self.device, torch.float32)  # [b, Lt, txt_dim]
+        seeds = list(seeds)
+        pad = micro - b if self.compile and b < micro else 0
+        if pad:  # keep one compiled shape per bucket: pad the last micro-batch, drop the extra
+            lq = torch.cat([lq, lq[-1:].expand(pad, *lq.shape[1:])])
+            sigma = torch.cat([sigma, sigma[-1:].expand(pad)])
+            embs = torch.cat([embs, embs[-1:].expand(pad, *embs.shape[1:])])
+            seeds = seeds + [seeds[-1]] * pad
+        gens = per_sample_generators(seeds, self.device)
+        noise = initial_noise(gens, (3, height, width), self.device)  # [b, 3, H, W]
+        net, fresh = self._net_for(height, width, len(seeds))
+        t0 = time.perf_counter()
+        with torch.autocast(
+            self.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        ):
+            if fresh:  # first call of a compiled bucket: trigger compilation, time it apart
+                net(noise, torch.full((len(seeds),), 999.0, device=self.device), embs, lq, sigma)
+                compile_ms = (time.perf_counter() - t0) * 1000
+            else:
+                compile_ms = 0.0
+            x = sample(net, noise, embs, lq, sigma, self.t_list, generator=gens)
+        return to_uint8(x[:b]), compile_ms
+
+
+__all__ = [
+    "Decoder",
+    "DecodeOutput",
+    "SampleError",
+    "accelerator_name",
+    "auto_micro_batch",
+    "net_config_for",
+    "pick_device",
+    "validate_latent_shape",
+]

@@ -1,0 +1,259 @@
+"""Job specification: YAML → frozen, validated dataclasses. Every check here runs before any work."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pid_batch.config import ALIASES, BACKBONES, VARIANTS, CheckpointSpec, resolve_checkpoint
+
+LAYOUTS = ("files", "tar")
+IMAGE_FORMATS = ("jpeg", "png", "webp")
+LATENT_FORMATS = ("pid", "diffusers")
+PRESETS = ("full", "tiny")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class JobConfigError(ValueError):
+    """A job spec that cannot run; raised before any sample is touched."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which PiD checkpoint decodes the job, and where its weights and text encoder live."""
+
+    backbone: str = "flux"
+    ckpt_type: str | None = None
+    checkpoint: str | None = None  # local path or s3:// URI of model_ema_bf16.pth / .safetensors
+    checkpoint_sha256: str | None = None
+    text_encoder: str | None = None  # local dir or s3:// prefix of Gemma-2-2b-it; None: null text
+    preset: str = "full"  # "tiny": the same code path at test size (random weights unless given)
+    compile: bool = False
+    dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+
+    def __post_init__(self) -> None:
+        name = ALIASES.get(self.backbone.lower(), self.backbone.lower())
+        if name not in BACKBONES:
+            raise JobConfigError(
+                f"model.backbone={self.backbone!r} is not a released PiD backbone; "
+                f"valid: {sorted(BACKBONES) + sorted(ALIASES)}"
+            )
+        try:
+            resolve_checkpoint(self.backbone, self.ckpt_type)
+        except ValueError as e:
+            raise JobConfigError(f"model: {e}") from None
+        if self.preset not in PRESETS:
+            raise JobConfigError(f"model.preset={self.preset!r}; valid: {PRESETS}")
+        if self.preset == "full" and self.checkpoint is None:
+            raise JobConfigError(
+                "model.checkpoint is required with preset 'full': point it at the official "
+                "model_ema_bf16.pth of this backbone (local path or s3:// URI); "
+                "random weights are only allowed with preset 'tiny'"
+            )
+        if self.preset == "full" and self.text_encoder is None:
+            raise JobConfigError(
+                "model.text_encoder is required with preset 'full': a local directory or s3:// "
+                "prefix holding Gemma-2-2b-it (config, weights and tokenizer)"
+            )
+        if self.dtype not in DTYPES:
+            raise JobConfigError(f"model.dtype={self.dtype!r}; valid: {DTYPES}")
+        if self.checkpoint_sha256 is not None and (
+            len(self.checkpoint_sha256) != 64
+            or any(c not in "0123456789abcdef" for c in self.checkpoint_sha256.lower())
+        ):
+            raise JobConfigError(
+                f"model.checkpoint_sha256 must be 64 hex digits; got {self.checkpoint_sha256!r}"
+            )
+
+    @property
+    def spec(self) -> CheckpointSpec:
+        return resolve_checkpoint(self.backbone, self.ckpt_type)
+
+    @property
+    def variant_label(self) -> str:
+        """Variant name as recorded in outputs ('tiny:' prefix for the test-size preset)."""
+        v = self.spec.variant
+        return f"tiny:{v}" if self.preset == "tiny" else v
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Job-wide defaults; a shard's per-sample sigma, seed and caption override them."""
+
+    steps: int = 4
+    seed: int = 0
+    sigma: float = 0.0
+    caption: str = ""
+    latent_format: str = "pid"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.steps <= 4:
+            raise JobConfigError(f"sampling.steps={self.steps!r}; the distilled students run 1-4")
+        if not 0.0 <= self.sigma <= 1.0:
+            raise JobConfigError(f"sampling.sigma={self.sigma!r} must lie in [0, 1]")
+        if self.latent_format not in LATENT_FORMATS:
+            raise JobConfigError(
+                f"sampling.latent_format={self.latent_format!r}; valid: {LATENT_FORMATS}"
+            )
+        if not isinstance(self.caption, str):
+            raise JobConfigError(f"sampling.caption must be a string; got {self.caption!r}")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """How images are stored: one object per image, or one WebDataset tar per input shard."""
+
+    layout: str = "files"
+    image_format: str = "jpeg"  # JPEG q95: ~10-20 ms per 2048² image; PNG level 1: 0.2-0.4 s
+    quality: int = 95
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise JobConfigError(f"output.layout={self.layout!r}; valid: {LAYOUTS}")
+        if self.image_format not in IMAGE_FORMATS:
+            raise JobConfigError(
+                f"output.image_format={self.image_format!r}; valid: {IMAGE_FORMATS}"
+            )
+        if not 1 <= self.quality <= 100:
+            raise JobConfigError(f"output.quality={self.quality!r} must be in 1..100")
+
+
+@dataclass(frozen=True)
+class ResourceConfig:
+    """Actor pool and batching. micro_batch 0 lets each actor size it from its own accelerator."""
+
+    min_actors: int = 1
+    max_actors: int = 1
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+    batch_size: int = 16  # rows per actor call; the actor splits them into micro-batches
+    micro_batch: int = 0
+    encode_cpus: float = 1.0
+    encode_batch_size: int = 4
+    # Pin decode actors to one accelerator class of cluster.yaml (custom resource accel_<name>).
+    accelerator: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.accelerator is not None and not self.accelerator.replace("_", "").isalnum():
+            raise JobConfigError(f"resources.accelerator={self.accelerator!r} must be a plain name")
+        if not 1 <= self.min_actors <= self.max_actors:
+            raise JobConfigError(
+                f"resources: need 1 <= min_actors <= max_actors; got "
+                f"min_actors={self.min_actors!r}, max_actors={self.max_actors!r}"
+            )
+        if self.gpus_per_actor < 0 or self.cpus_per_actor < 0 or self.encode_cpus <= 0:
+            raise JobConfigError(
+                f"resources: gpus_per_actor={self.gpus_per_actor!r}, "
+                f"cpus_per_actor={self.cpus_per_actor!r}, encode_cpus={self.encode_cpus!r} "
+                "must be non-negative (encode_cpus > 0)"
+            )
+        if self.batch_size < 1 or self.micro_batch < 0 or self.encode_batch_size < 1:
+            raise JobConfigError(
+                f"resources: batch_size={self.batch_size!r} and encode_batch_size="
+                f"{self.encode_batch_size!r} must be >= 1, micro_batch={self.micro_batch!r} >= 0"
+            )
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """A whole decode job: where latents come from, where images go, and how."""
+
+    input: str
+    output: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    images: OutputConfig = field(default_factory=OutputConfig)
+    resources: ResourceConfig = field(default_factory=ResourceConfig)
+    ray_address: str | None = None  # None: RAY_ADDRESS if set, else a local Ray
+    max_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("input", "output"):
+            value = getattr(self, key)
+            if not isinstance(value, str) or not value:
+                raise JobConfigError(f"{key} must be a non-empty URI or path; got {value!r}")
+        if _norm(self.input) == _norm(self.output):
+            raise JobConfigError(f"output {self.output!r} must differ from input {self.input!r}")
+
+    def manifest(self) -> dict[str, Any]:
+        """What an output prefix was produced with; a rerun must match it to resume."""
+        return {
+            "backbone": self.model.spec.backbone,
+            "ckpt_type": self.model.spec.ckpt_type,
+            "experiment": self.model.spec.experiment,
+            "variant": self.model.variant_label,
+            "checkpoint": os.path.basename(self.model.checkpoint or "random-weights"),
+            "checkpoint_sha256": self.model.checkpoint_sha256,
+            "steps": self.sampling.steps,
+            "seed": self.sampling.seed,
+            "layout": self.images.layout,
+            "image_format": self.images.image_format,
+            "quality": self.images.quality,
+        }
+
+
+def _norm(uri: str) -> str:
+    return uri.rstrip("/").removeprefix("file://")
+
+
+_SECTIONS = {
+    "model": ModelConfig,
+    "sampling": SamplingConfig,
+    "images": OutputConfig,
+    "resources": ResourceConfig,
+}
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise JobConfigError(f"{where} must be a mapping; got {type(data).__name__}")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise JobConfigError(f"{where}: unknown key(s) {unknown}; valid: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        ftype = str(names[key].type)
+        if key in _SECTIONS and cls is JobConfig:
+            value = _build(_SECTIONS[key], value or {}, key)
+        elif value is not None and ftype in ("int", "float", "bool", "str"):
+            expected = {"int": int, "float": (int, float), "bool": bool, "str": str}[ftype]
+            if not isinstance(value, expected) or (ftype != "bool" and isinstance(value, bool)):
+                raise JobConfigError(
+                    f"{where}.{key} must be {ftype}; got {value!r} ({type(value).__name__})"
+                )
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise JobConfigError(f"{where}: {e}") from None
+
+
+def job_from_dict(data: dict[str, Any]) -> JobConfig:
+    """Validate a parsed job spec (the YAML's top-level mapping)."""
+    return _build(JobConfig, data, "job")
+
+
+def load_job(path: str | Path, overrides: dict[str, Any] | None = None) -> JobConfig:
+    """Read a YAML job spec; `overrides` maps dotted keys ("model.checkpoint") to values."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise JobConfigError(f"cannot read job spec {str(path)!r}: {e}") from None
+    data = data or {}
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return job_from_dict(data)
+
+
+def known_variants() -> list[str]:
+    return sorted(VARIANTS)

@@ -1,0 +1,200 @@
+"""The Ray Data graph — the only module (with jobs/) that imports Ray.
+
+shard listing ─▶ read_shard (CPU tasks, one block per shard)
+             ─▶ DecodeActor (actor pool, warm Decoder, micro-batches per accelerator)
+             ─▶ encode_write (CPU tasks: image objects, then timing parts)
+             ─▶ driver: progress, per-shard done markers, summary.json
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+# Bind a local Ray to 127.0.0.1 only; must precede `import ray` (see ENVIRONMENT.md).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import ray  # noqa: E402
+
+from pid_batch import stages, storage  # noqa: E402
+from pid_batch.job import JobConfig, JobConfigError  # noqa: E402
+from pid_batch.summary import format_summary, read_timing, summarize  # noqa: E402
+
+_FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "PID_BATCH_CACHE",
+)
+
+
+class DecodeActor:
+    """Ray actor: a thin adapter around stages.DecodeStage (loads once, maps batches)."""
+
+    def __init__(self, job: JobConfig):
+        self.stage = stages.DecodeStage(job)
+
+    def __call__(self, batch):
+        return self.stage(batch)
+
+
+@dataclass
+class RunResult:
+    """What a run did: its summary (whole output, all runs) and this run's own counts."""
+
+    summary: dict[str, Any]
+    processed: int = 0
+    errors: int = 0
+    shards_skipped: int = 0
+    shards_done: int = 0
+    wall_s: float = 0.0
+    error_ids: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.summary.get("error", 0) else 0
+
+
+def check_output(job: JobConfig) -> None:
+    """Refuse to mix runs with different model/sampling settings under one output prefix."""
+    uri = storage.join(job.output, "run.json")
+    want = job.manifest()
+    if storage.exists(uri):
+        have = storage.read_json(uri)
+        diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+        if diff:
+            raise JobConfigError(
+                f"output {job.output!r} was produced with different settings {diff} "
+                "(existing, requested); use a new output prefix"
+            )
+    else:
+        storage.write_json_atomic(uri, want)
+
+
+def build_dataset(job: JobConfig, todo: list[dict[str, Any]]) -> ray.data.Dataset:
+    """The streaming graph over the shards still to do."""
+    res = job.resources
+    ctx = ray.data.DataContext.get_current()
+    # Let an autoscaling actor pool grow on small nodes (per-operator reservations otherwise
+    # hold back the resources it would grow into; measured on a 2-core box).
+    ctx.op_resource_reservation_enabled = False
+    items = [{"shard": t["shard"], "key": t["key"], "done_ids": t["done_ids"]} for t in todo]
+    # One block per shard: small shard files otherwise get packed into a few blocks and most
+    # actors idle (ENVIRONMENT.md).
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    ds = ds.map_batches(stages.read_shard, batch_size=1, fn_kwargs={"job": job}, num_cpus=1)
+    ds = ds.map_batches(
+        DecodeActor,
+        batch_size=res.batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
+        fn_constructor_kwargs={"job": job},
+        num_gpus=res.gpus_per_actor,
+        num_cpus=res.cpus_per_actor,
+        resources={f"accel_{res.accelerator}": 1} if res.accelerator else None,
+    )
+    ds = ds.map_batches(
+        stages.encode_write,
+        batch_size=res.encode_batch_size,
+        fn_kwargs={"job": job},
+        num_cpus=res.encode_cpus,
+    )
+    return ds
+
+
+def ensure_ray(job: JobConfig, **init_kwargs: Any) -> None:
+    """Connect to the job's cluster (ray_address / RAY_ADDRESS) or start a local Ray."""
+    if ray.is_initialized():
+        return
+    address = job.ray_address or os.environ.get("RAY_ADDRESS")
+    # Workers on other nodes do not share the driver's environment: pass the S3 endpoint and
+    # region (never credentials: nodes use their own AWS chain) to every worker of this job.
+    env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+    kwargs: dict[str, Any] = {
+        "include_dashboard": False,
+        "log_to_driver": False,
+        "runtime_env": {"env_vars": env} if env else None,
+    }
+    kwargs.update(init_kwargs)
+    ray.init(address=address, **kwargs)
+
+
+def run(job: JobConfig, *, log: TextIO | None = sys.stderr, **init_kwargs: Any) -> RunResult:
+    """Run a decode job to completion; resumable: rerunning skips what is already done."""
+    t0 = time.time()
+    check_output(job)
+    todo, skipped = stages.plan_shards(job)
+    ensure_ray(job, **init_kwargs)
+    result = RunResult(summary={}, shards_skipped=skipped)
+    if todo:
+        ds = build_dataset(job, todo)
+        progress = _Progress(log, shards=len(todo))
+        seen: dict[str, int] = defaultdict(int)
+        failed: dict[str, int] = defaultdict(int)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for sid, key, pending, status in zip(
+                batch["id"], batch["shard"], batch["shard_pending"], batch["status"]
+            ):
+                seen[key] += 1
+                result.processed += 1
+                if status != "ok":
+                    failed[key] += 1
+                    result.errors += 1
+                    result.error_ids.append(str(sid))
+                if seen[key] == int(pending):
+                    result.shards_done += 1
+                    if not failed[key]:
+                        _mark_done(job, key)
+            progress.update(result)
+        progress.close(result)
+    table = read_timing(job.output)
+    result.wall_s = time.time() - t0
+    result.summary = summarize(
+        table,
+        run={
+            **job.manifest(),
+            "this_run": {
+                "processed": result.processed,
+                "errors": result.errors,
+                "shards_skipped": result.shards_skipped,
+                "wall_s": round(result.wall_s, 3),
+            },
+        },
+    )
+    storage.write_json_atomic(storage.join(job.output, "summary.json"), result.summary)
+    if log:
+        print(format_summary(result.summary), file=log)
+    return result
+
+
+def _mark_done(job: JobConfig, key: str) -> None:
+    """A shard is done when all its samples have ok rows; its marker is written last."""
+    storage.write_json_atomic(stages.marker_uri(job.output, key), {"shard": key})
+
+
+class _Progress:
+    """One live line: samples done, images/s, errors so far."""
+
+    def __init__(self, stream: TextIO | None, shards: int):
+        self.stream, self.shards, self.t0, self.last = stream, shards, time.time(), 0.0
+
+    def update(self, r: RunResult, force: bool = False) -> None:
+        now = time.time()
+        if self.stream is None or (now - self.last < 1.0 and not force):
+            return
+        self.last = now
+        rate = r.processed / max(1e-6, now - self.t0)
+        self.stream.write(
+            f"\r[pid-batch] {r.processed} samples, {r.shards_done}/{self.shards} shards, "
+            f"{rate:.2f}/s, {r.errors} errors"
+        )
+        self.stream.flush()
+
+    def close(self, r: RunResult) -> None:
+        self.update(r, force=True)
+        if self.stream is not None:
+            self.stream.write("\n")

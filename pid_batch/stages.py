@@ -1,0 +1,472 @@
+"""The pipeline's three stages as plain functions over numpy batch dicts (no Ray here).
+
+read_shard     shard URI → one row per pending sample (PiD-form latent, or an error row)   CPU
+DecodeStage    rows → rows with raw uint8 images; holds the warm Decoder                  GPU
+encode_write   rows → images encoded and written, timing part written, small rows back     CPU
+
+A row's `status` is "pending" until decoded, then "ok" or "error"; error rows ride along every
+stage untouched so the timing table has one row per input sample whatever went wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import socket
+import time
+import uuid
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+from pid_batch import codecs, latents, storage
+from pid_batch.config import CheckpointSpec, resolve_checkpoint
+from pid_batch.decoder import SampleError, net_config_for, validate_latent_shape
+from pid_batch.job import JobConfig
+
+Batch = dict[str, np.ndarray]
+
+# Columns every stage passes on; the read stage fills them.
+ROW_COLUMNS = (
+    "id",
+    "shard",
+    "index",
+    "shard_pending",
+    "status",
+    "error",
+    "backbone",
+    "caption",
+    "sigma",
+    "seed",
+    "height",
+    "width",
+    "read_ms",
+    "read_done_at",
+)
+
+
+def sample_seed(job_seed: int, sample_id: str) -> int:
+    """Default per-sample seed: a stable hash of (job seed, id), so retries reproduce images."""
+    digest = hashlib.sha256(f"{job_seed}:{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def shard_key(input_uri: str, shard_uri: str) -> str:
+    """A shard's name under the output prefix: its path relative to the input, made key-safe."""
+    rel = (
+        shard_uri[len(input_uri.rstrip("/")) + 1 :]
+        if shard_uri.startswith(input_uri)
+        else shard_uri
+    )
+    return codecs.sanitize_id(rel.replace("/", "__"))
+
+
+def image_uri(out: str, sample_id: str, fmt: str) -> str:
+    return storage.join(out, "images", f"{sample_id}.{codecs.IMAGE_FORMATS[fmt]}")
+
+
+def timing_dir(out: str, key: str) -> str:
+    return storage.join(out, "timing", key)
+
+
+def marker_uri(out: str, key: str) -> str:
+    return storage.join(out, "_done", f"{key}.json")
+
+
+def _empty_rows() -> dict[str, list]:
+    return {c: [] for c in (*ROW_COLUMNS, "latent", "shape")}
+
+
+def _columns(rows: dict[str, list]) -> Batch:
+    out: Batch = {}
+    for k, v in rows.items():
+        if k == "latent":
+            arr = np.empty(len(v), dtype=object)
+            arr[:] = v
+            out[k] = arr
+        elif k == "shape":
+            out[k] = np.asarray(v, dtype=np.int64).reshape(len(v), 3)
+        else:
+            out[k] = np.asarray(v, dtype=object if k in _STR_COLUMNS else None)
+    return out
+
+
+_STR_COLUMNS = {"id", "shard", "status", "error", "backbone", "caption"}
+
+
+def read_shard(batch: Batch, job: JobConfig) -> Batch:
+    """Read shards (rows of shard URI, key, done ids) into one row per sample still to do."""
+    spec = job.model.spec
+    cfg = net_config_for(spec, job.model.preset)
+    trained_sizes_only = job.model.preset == "full"
+    rows = _empty_rows()
+    for uri, key, done in zip(batch["shard"], batch["key"], batch["done_ids"]):
+        done = set(done) if done is not None else set()
+        t0 = time.perf_counter()
+        try:
+            samples = codecs.read_shard(storage.read_bytes(uri), uri)
+        except Exception as e:  # whole shard unreadable: one error row stands for it
+            _add(
+                rows,
+                key,
+                f"{key}",
+                -1,
+                "error",
+                f"shard unreadable: {storage.redact(str(e))}",
+                spec,
+            )
+            rows["read_ms"][-1] = (time.perf_counter() - t0) * 1000
+            _finish_shard(rows, 1)
+            continue
+        read_ms = (time.perf_counter() - t0) * 1000 / max(1, len(samples))
+        pending = [s for s in samples if s.id not in done]
+        if not pending:
+            storage.write_json_atomic(
+                marker_uri(job.output, key),
+                {"shard": uri, "samples": len(samples), "ok": len(samples)},
+            )
+            continue
+        n0 = len(rows["id"])
+        for s in pending:
+            if s.error:
+                _add(rows, key, s.id, s.index, "error", s.error, spec)
+            else:
+                try:
+                    backbone = s.backbone or spec.backbone
+                    if resolve_checkpoint(backbone, spec.ckpt_type).experiment != spec.experiment:
+                        raise SampleError(
+                            s.id,
+                            f"backbone {backbone!r} needs another checkpoint than this job's "
+                            f"{spec.experiment!r}",
+                        )
+                    lq, sigma = latents.to_pid(
+                        s.latent,
+                        backbone,
+                        s.latent_format or job.sampling.latent_format,
+                        s.sigma if s.sigma is not None else job.sampling.sigma,
+                        sample_id=s.id,
+                    )
+                    lq = np.ascontiguousarray(np.asarray(lq, dtype=np.float32))
+                    h, w = validate_latent_shape(spec, cfg, lq.shape, s.id, trained_sizes_only)
+                except (ValueError, TypeError) as e:
+                    _add(rows, key, s.id, s.index, "error", storage.redact(str(e)), spec)
+                else:
+                    _add(rows, key, s.id, s.index, "pending", None, spec)
+                    rows["backbone"][-1] = backbone
+                    rows["caption"][-1] = (
+                        s.caption if s.caption is not None else job.sampling.caption
+                    )
+                    rows["sigma"][-1] = float(sigma)
+                    rows["seed"][-1] = (
+                        int(s.seed) if s.seed is not None else sample_seed(job.sampling.seed, s.id)
+                    )
+                    rows["height"][-1], rows["width"][-1] = h, w
+                    rows["latent"][-1] = lq.tobytes()
+                    rows["shape"][-1] = list(lq.shape)
+            rows["read_ms"][-1] = read_ms
+        _finish_shard(rows, len(rows["id"]) - n0)
+    return _columns(rows)
+
+
+def _add(rows, key, sample_id, index, status, error, spec: CheckpointSpec) -> None:
+    rows["id"].append(sample_id)
+    rows["shard"].append(key)
+    rows["index"].append(int(index))
+    rows["shard_pending"].append(0)
+    rows["status"].append(status)
+    rows["error"].append(error)
+    rows["backbone"].append(spec.backbone)
+    rows["caption"].append("")
+    rows["sigma"].append(np.nan)
+    rows["seed"].append(-1)
+    rows["height"].append(0)
+    rows["width"].append(0)
+    rows["read_ms"].append(0.0)
+    rows["read_done_at"].append(time.time())
+    rows["latent"].append(b"")
+    rows["shape"].append([0, 0, 0])
+
+
+def _finish_shard(rows, count: int) -> None:
+    """Every row of a shard carries how many rows the shard sent, so the driver knows its end."""
+    for i in range(len(rows["id"]) - count, len(rows["id"])):
+        rows["shard_pending"][i] = count
+
+
+# -- decode -----------------------------------------------------------------------------------
+
+
+class DecodeStage:
+    """Holds one warm Decoder; maps read rows to rows with raw images (the actor's body)."""
+
+    def __init__(self, job: JobConfig):
+        import torch
+
+        from pid_batch.decoder import Decoder
+
+        self.job = job
+        spec = job.model.spec
+        checkpoint = (
+            storage.fetch_to_cache(job.model.checkpoint, sha256=job.model.checkpoint_sha256)
+            if job.model.checkpoint
+            else None
+        )
+        device = None
+        if job.resources.gpus_per_actor == 0 or not torch.cuda.is_available():
+            device = "cpu"
+        t0 = time.perf_counter()
+        self.decoder = Decoder(
+            spec,
+            preset=job.model.preset,
+            checkpoint=checkpoint,
+            steps=job.sampling.steps,
+            device=device,
+            dtype=job.model.dtype,
+            compile=job.model.compile,
+            micro_batch=job.resources.micro_batch,
+            text_encoder=None,
+        )
+        self.decoder.text_encoder = _text_encoder(job, self.decoder)
+        self.startup_s = time.perf_counter() - t0
+        self.node = socket.gethostname()
+        self.actor = f"{self.node}:{os.getpid()}"
+        self.busy_s = 0.0  # time inside Decoder.decode, for the device-busy fraction
+        self.first_call_at: float | None = None
+        self.last_call_end: float | None = None
+
+    def __call__(self, batch: Batch) -> Batch:
+        n = len(batch["id"])
+        started = time.time()
+        self.first_call_at = self.first_call_at or started
+        out = {k: v for k, v in batch.items() if k not in ("latent", "shape")}
+        status = np.array([str(v) for v in batch["status"]], dtype=object)
+        error = np.array([_str(v) for v in batch["error"]], dtype=object)
+        images = np.empty(n, dtype=object)
+        images[:] = [b""] * n
+        decode_ms = np.zeros(n, np.float32)
+        text_ms = np.zeros(n, np.float32)
+        micro = np.zeros(n, np.int32)
+        queue_ms = np.maximum(0.0, (started - batch["read_done_at"].astype(np.float64)) * 1000)
+        buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i in range(n):
+            if status[i] == "pending":
+                buckets[(int(batch["height"][i]), int(batch["width"][i]))].append(i)
+        for idx in buckets.values():
+            self._decode_bucket(batch, idx, status, error, images, decode_ms, text_ms, micro)
+        self.last_call_end = time.time()
+        out.update(
+            status=status,
+            error=error,
+            image=images,
+            decode_ms=decode_ms,
+            text_ms=text_ms,
+            micro_batch=micro,
+            queue_ms=queue_ms.astype(np.float32),
+            decode_started_at=np.full(n, started),
+            node=np.full(n, self.node, dtype=object),
+            accelerator=np.full(n, self.decoder.accelerator, dtype=object),
+            actor=np.full(n, self.actor, dtype=object),
+        )
+        return out
+
+    def _decode_bucket(self, batch, idx, status, error, images, decode_ms, text_ms, micro):
+        lat = [
+            np.frombuffer(batch["latent"][i], np.float32).reshape(batch["shape"][i]) for i in idx
+        ]
+        args = dict(
+            sigmas=[float(batch["sigma"][i]) for i in idx],
+            seeds=[int(batch["seed"][i]) for i in idx],
+            captions=[str(batch["caption"][i]) for i in idx],
+            ids=[str(batch["id"][i]) for i in idx],
+        )
+        t0 = time.perf_counter()
+        try:
+            res = self.decoder.decode(lat, **args)
+        except Exception:
+            # Isolate the sample that broke the batch: decode each alone, fail only that one.
+            for j, i in enumerate(idx):
+                self._decode_bucket_one(
+                    batch, i, lat[j], status, error, images, decode_ms, text_ms, micro
+                )
+            return
+        finally:
+            self.busy_s += time.perf_counter() - t0
+        for j, i in enumerate(idx):
+            images[i] = res.images[j].tobytes()
+            decode_ms[i] = res.decode_ms[j]
+            text_ms[i] = res.text_ms[j]
+            micro[i] = res.micro_batch
+            status[i] = "ok"
+
+    def _decode_bucket_one(self, batch, i, lat, status, error, images, decode_ms, text_ms, micro):
+        try:
+            res = self.decoder.decode(
+                [lat],
+                sigmas=[float(batch["sigma"][i])],
+                seeds=[int(batch["seed"][i])],
+                captions=[str(batch["caption"][i])],
+                ids=[str(batch["id"][i])],
+            )
+        except Exception as e:
+            status[i] = "error"
+            error[i] = f"decode failed: {type(e).__name__}: {storage.redact(str(e))}"[:2000]
+            return
+        images[i] = res.images[0].tobytes()
+        decode_ms[i] = res.decode_ms[0]
+        text_ms[i] = res.text_ms[0]
+        micro[i] = 1
+        status[i] = "ok"
+
+
+def _text_encoder(job: JobConfig, decoder) -> Any:
+    from pid_batch.model import text
+
+    cfg = decoder.cfg
+    if job.model.text_encoder is None:
+        return text.NullTextEncoder(dim=cfg.txt_embed_dim, max_length=cfg.txt_max_length)
+    path = storage.fetch_dir_to_cache(job.model.text_encoder)
+    dtype = decoder.autocast_dtype or decoder.weight_dtype
+    return text.TextEncoder.from_pretrained(
+        str(path), device=decoder.device, dtype=dtype, max_length=cfg.txt_max_length
+    )
+
+
+# -- encode + write ---------------------------------------------------------------------------
+
+
+def encode_write(batch: Batch, job: JobConfig) -> Batch:
+    """Encode and write each ok image, then the batch's timing rows (rows last, after images)."""
+    out = job.output
+    fmt, quality = job.images.image_format, job.images.quality
+    n = len(batch["id"])
+    rows: list[dict[str, Any]] = []
+    status = [str(v) for v in batch["status"]]
+    error = [_str(v) for v in batch["error"]]
+    for i in range(n):
+        row = _timing_row(batch, i, job)
+        if status[i] == "ok":
+            h, w = int(batch["height"][i]), int(batch["width"][i])
+            try:
+                t0 = time.perf_counter()
+                img = np.frombuffer(batch["image"][i], np.uint8).reshape(h, w, 3)
+                data = codecs.encode_image(img, fmt, quality)
+                t1 = time.perf_counter()
+                uri = image_uri(out, str(batch["id"][i]), fmt)
+                storage.write_bytes_atomic(uri, data)
+                t2 = time.perf_counter()
+            except Exception as e:
+                status[i] = "error"
+                error[i] = f"write failed: {type(e).__name__}: {storage.redact(str(e))}"
+            else:
+                row.update(
+                    encode_ms=(t1 - t0) * 1000,
+                    write_ms=(t2 - t1) * 1000,
+                    bytes=len(data),
+                    output=uri[len(out.rstrip("/")) + 1 :],
+                )
+        row["status"], row["error"] = status[i], error[i]
+        row["finished_at"] = _ts(time.time())
+        rows.append(row)
+    by_shard: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_shard[r["shard"]].append(r)
+    for key, part in by_shard.items():
+        table = codecs.timing_table(part)
+        buf = io.BytesIO()
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, buf)
+        name = f"part-{uuid.uuid4().hex[:16]}.parquet"
+        storage.write_bytes_atomic(storage.join(timing_dir(out, key), name), buf.getvalue())
+    return {
+        "id": np.asarray(batch["id"], dtype=object),
+        "shard": np.asarray(batch["shard"], dtype=object),
+        "shard_pending": np.asarray(batch["shard_pending"], dtype=np.int64),
+        "status": np.asarray(status, dtype=object),
+        "error": np.asarray(error, dtype=object),
+        "decode_ms": np.asarray(batch.get("decode_ms", np.zeros(n)), dtype=np.float32),
+    }
+
+
+def _str(v) -> str | None:
+    """A string cell back from Arrow/numpy: None/NaN (an all-null column) → None."""
+    return v if isinstance(v, str) else None
+
+
+def _ts(epoch_s: float):
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(epoch_s, tz=dt.timezone.utc)
+
+
+def _timing_row(batch: Batch, i: int, job: JobConfig) -> dict[str, Any]:
+    def get(k, default=None):
+        return batch[k][i] if k in batch else default
+
+    started = get("decode_started_at")
+    read_done = float(get("read_done_at"))
+    return {
+        "id": str(get("id")),
+        "shard": str(get("shard")),
+        "index": int(get("index")),
+        "backbone": str(get("backbone")),
+        "variant": job.model.variant_label,
+        "checkpoint": job.model.spec.experiment,
+        "height": int(get("height")),
+        "width": int(get("width")),
+        "steps": job.sampling.steps,
+        "seed": int(get("seed")),
+        "sigma": None if np.isnan(float(get("sigma"))) else float(get("sigma")),
+        "read_ms": float(get("read_ms")),
+        "queue_ms": float(get("queue_ms", 0.0)),
+        "decode_ms": float(get("decode_ms", 0.0)),
+        "text_ms": float(get("text_ms", 0.0)),
+        "encode_ms": 0.0,
+        "write_ms": 0.0,
+        "bytes": 0,
+        "node": _str(get("node")),
+        "accelerator": _str(get("accelerator")),
+        "actor": _str(get("actor")),
+        "batch_size": int(get("micro_batch", 0)),
+        "started_at": _ts(float(started) if started is not None else read_done),
+        "output": None,
+    }
+
+
+def done_ids(out: str, key: str) -> list[str]:
+    """Ids of a shard whose ok timing row exists (so their image was written before it)."""
+    import pyarrow.parquet as pq
+
+    ids: set[str] = set()
+    try:
+        parts = storage.list_files(timing_dir(out, key), suffixes=(".parquet",))
+    except FileNotFoundError:
+        return []
+    for uri in parts:
+        t = pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=["id", "status"])
+        for sid, st in zip(t.column("id").to_pylist(), t.column("status").to_pylist()):
+            if st == "ok":
+                ids.add(sid)
+    return sorted(ids)
+
+
+def plan_shards(job: JobConfig) -> tuple[list[dict[str, Any]], int]:
+    """Shards still to do (with their already-done ids) and the count of shards already done."""
+    shards = storage.list_files(job.input, suffixes=(".safetensors", ".parquet"))
+    done_markers = set()
+    try:
+        done_markers = {
+            os.path.basename(u)[: -len(".json")]
+            for u in storage.list_files(storage.join(job.output, "_done"), suffixes=(".json",))
+        }
+    except FileNotFoundError:
+        pass
+    todo = []
+    for uri in shards:
+        key = shard_key(job.input, uri)
+        if key in done_markers:
+            continue
+        todo.append({"shard": uri, "key": key, "done_ids": done_ids(job.output, key)})
+    return todo, len(shards) - len(todo)

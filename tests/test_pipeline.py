@@ -1,0 +1,180 @@
+"""End to end on a local Ray: shards in → images + timing rows out, local folder and loopback S3."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from pid_batch import codecs, pipeline, storage
+from pid_batch.job import JobConfig, JobConfigError, ModelConfig, OutputConfig, ResourceConfig
+from pid_batch.summary import read_timing
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+LATENT_HW = (2, 3)  # → a 64×96 output image with FLUX's 8× VAE and PiD's 4×
+
+
+@pytest.fixture(scope="module")
+def local_ray(s3_server):
+    """One local Ray for the module, loopback only, with one *logical* GPU to exercise num_gpus.
+
+    Started after the S3 server so workers inherit AWS_ENDPOINT_URL.
+    """
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        num_gpus=1,
+        include_dashboard=False,
+        object_store_memory=300 * 2**20,
+        log_to_driver=False,
+    )
+    yield ray
+    ray.shutdown()
+
+
+def write_shards(root: str, shards: int, per_shard: int, bad: dict | None = None) -> list[str]:
+    """Write FLUX-shaped PiD latents; `bad` maps (shard, index) → a replacement latent array."""
+    rng = np.random.default_rng(0)
+    ids = []
+    for s in range(shards):
+        lat = rng.standard_normal((per_shard, 16, *LATENT_HW)).astype(np.float32)
+        for (bs, bi), arr in (bad or {}).items():
+            if bs == s:
+                lat[bi] = arr
+        sid = [f"s{s}-{i}" for i in range(per_shard)]
+        data = codecs.write_safetensors_shard(
+            lat, sid, captions=["a cat"] * per_shard, backbone="flux"
+        )
+        storage.write_bytes_atomic(storage.join(root, f"shard-{s:03d}.safetensors"), data)
+        ids += sid
+    return ids
+
+
+def tiny_job(inp: str, out: str, **res) -> JobConfig:
+    return JobConfig(
+        input=inp,
+        output=out,
+        model=ModelConfig(backbone="flux", ckpt_type="2k", preset="tiny"),
+        images=OutputConfig(image_format="png"),
+        resources=ResourceConfig(**{"batch_size": 4, **res}),
+    )
+
+
+def list_images(out: str) -> list[str]:
+    try:
+        return storage.list_files(storage.join(out, "images"))
+    except FileNotFoundError:
+        return []
+
+
+def all_timing_rows(out: str) -> int:
+    parts = storage.list_files(storage.join(out, "timing"), suffixes=(".parquet",))
+    return sum(pq.read_table(io.BytesIO(storage.read_bytes(p))).num_rows for p in parts)
+
+
+def test_local_end_to_end_then_rerun_writes_nothing(local_ray, tmp_path):
+    inp, out = str(tmp_path / "in"), str(tmp_path / "out")
+    ids = write_shards(inp, shards=3, per_shard=3)
+    result = pipeline.run(tiny_job(inp, out), log=None)
+    assert result.exit_code == 0
+    assert result.processed == len(ids)
+    images = list_images(out)
+    assert sorted(u.rsplit("/", 1)[1] for u in images) == sorted(f"{i}.png" for i in ids)
+    table = read_timing(out)
+    assert table.schema.equals(codecs.TIMING_SCHEMA, check_metadata=False)
+    assert sorted(table.column("id").to_pylist()) == sorted(ids)
+    assert set(table.column("status").to_pylist()) == {"ok"}
+    assert set(zip(table.column("height").to_pylist(), table.column("width").to_pylist())) == {
+        (64, 96)
+    }
+    assert min(table.column("decode_ms").to_pylist()) > 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["ok"] == len(ids) and summary["error"] == 0
+    assert len(storage.list_files(storage.join(out, "_done"))) == 3
+
+    before = {u: storage.size(u) for u in images}
+    rows_before = all_timing_rows(out)
+    again = pipeline.run(tiny_job(inp, out), log=None)
+    assert again.processed == 0 and again.shards_skipped == 3
+    assert all_timing_rows(out) == rows_before
+    assert {u: storage.size(u) for u in list_images(out)} == before
+
+
+def test_partial_output_resumes_only_missing_samples(local_ray, tmp_path):
+    inp, out = str(tmp_path / "in"), str(tmp_path / "out")
+    ids = write_shards(inp, shards=2, per_shard=4)
+    pipeline.run(tiny_job(inp, out), log=None)
+    # Simulate a run killed mid-shard: drop one shard's marker and all but one timing part.
+    key = "shard-001.safetensors"
+    storage.delete(storage.join(out, "_done", f"{key}.json"))
+    parts = storage.list_files(storage.join(out, "timing", key))
+    kept = pq.read_table(io.BytesIO(storage.read_bytes(parts[0]))).column("id").to_pylist()
+    for p in parts[1:]:
+        storage.delete(p)
+    again = pipeline.run(tiny_job(inp, out), log=None)
+    assert again.processed == 4 - len(kept)
+    table = read_timing(out)
+    assert sorted(table.column("id").to_pylist()) == sorted(ids)  # each id exactly once
+    assert again.summary["ok"] == len(ids)
+
+
+def test_corrupt_latent_gives_exactly_one_error_row(local_ray, tmp_path):
+    inp, out = str(tmp_path / "in"), str(tmp_path / "out")
+    nan = np.full((16, *LATENT_HW), np.nan, np.float32)
+    ids = write_shards(inp, shards=2, per_shard=3, bad={(1, 1): nan})
+    result = pipeline.run(tiny_job(inp, out), log=None)
+    assert result.exit_code == 1
+    table = read_timing(out)
+    assert table.num_rows == len(ids)
+    errors = table.filter(pc.equal(table.column("status"), "error")).to_pylist()
+    assert [e["id"] for e in errors] == ["s1-1"]
+    assert "s1-1" in errors[0]["error"] or "nan" in errors[0]["error"].lower()
+    assert len(list_images(out)) == len(ids) - 1
+    # The shard with the bad sample gets no done marker; a rerun retries only that sample.
+    assert len(storage.list_files(storage.join(out, "_done"))) == 1
+    again = pipeline.run(tiny_job(inp, out), log=None)
+    assert (
+        again.processed == 1 and again.summary["error"] == 1 and again.summary["ok"] == len(ids) - 1
+    )
+
+
+def test_s3_end_to_end(local_ray, s3_bucket):
+    inp, out = f"s3://{s3_bucket}/latents", f"s3://{s3_bucket}/out/run-1"
+    ids = write_shards(inp, shards=2, per_shard=2)
+    result = pipeline.run(tiny_job(inp, out), log=None)
+    assert result.exit_code == 0
+    assert len(list_images(out)) == len(ids)
+    table = read_timing(out)
+    assert sorted(table.column("id").to_pylist()) == sorted(ids)
+    assert storage.read_json(storage.join(out, "summary.json"))["ok"] == len(ids)
+    again = pipeline.run(tiny_job(inp, out), log=None)
+    assert again.processed == 0
+
+
+def test_gpu_scheduling_path_with_logical_gpu(local_ray, tmp_path):
+    inp, out = str(tmp_path / "in"), str(tmp_path / "out")
+    ids = write_shards(inp, shards=2, per_shard=2)
+    result = pipeline.run(tiny_job(inp, out, gpus_per_actor=0.5, max_actors=2), log=None)
+    assert result.exit_code == 0 and result.processed == len(ids)
+    table = read_timing(out)
+    assert set(table.column("accelerator").to_pylist()) == {"cpu"}  # no CUDA here
+
+
+def test_output_written_with_other_settings_is_refused(local_ray, tmp_path):
+    inp, out = str(tmp_path / "in"), str(tmp_path / "out")
+    write_shards(inp, shards=1, per_shard=1)
+    pipeline.run(tiny_job(inp, out), log=None)
+    other = JobConfig(
+        input=inp,
+        output=out,
+        model=ModelConfig(backbone="flux", ckpt_type="2k", preset="tiny"),
+        images=OutputConfig(image_format="jpeg"),
+    )
+    with pytest.raises(JobConfigError, match="image_format"):
+        pipeline.run(other, log=None)
