@@ -538,6 +538,10 @@ TIMING_SCHEMA = pa.schema(
         pa.field("finished_at", _TS),
         pa.field("output", pa.string()),  # object key or tar member
         pa.field("crop", pa.string()),  # for image inputs: the crop that was taken
+        pa.field("vae_encode_ms", _MS),  # image inputs: VAE encode share
+        pa.field("baseline_ms", _MS),  # native VAE decode of the same latent
+        pa.field("baseline_bytes", pa.int64()),
+        pa.field("baseline_output", pa.string()),
     ],
     metadata={"pid_batch.timing_version": "1"},
 )

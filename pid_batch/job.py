@@ -13,6 +13,8 @@ import yaml
 from pid_batch.config import ALIASES, BACKBONES, VARIANTS, CheckpointSpec, resolve_checkpoint
 
 LAYOUTS = ("files", "tar")
+INPUT_KINDS = ("latents", "images")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 IMAGE_FORMATS = ("jpeg", "png", "webp")
 LATENT_FORMATS = ("pid", "diffusers")
 PRESETS = ("full", "tiny")
@@ -35,6 +37,11 @@ class ModelConfig:
     preset: str = "full"  # "tiny": the same code path at test size (random weights unless given)
     compile: bool = False
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    # The backbone's own VAE (diffusers folder, local or s3://): encodes image inputs and
+    # gives the native-decode baseline.
+    vae: str | None = None
+    # Benchmarks only: a stand-in decoder that sleeps this long per image (pid_batch.fake).
+    fake_latency_ms: float | None = None
 
     def __post_init__(self) -> None:
         name = ALIASES.get(self.backbone.lower(), self.backbone.lower())
@@ -49,13 +56,15 @@ class ModelConfig:
             raise JobConfigError(f"model: {e}") from None
         if self.preset not in PRESETS:
             raise JobConfigError(f"model.preset={self.preset!r}; valid: {PRESETS}")
-        if self.preset == "full" and self.checkpoint is None:
+        if self.fake_latency_ms is not None and self.fake_latency_ms < 0:
+            raise JobConfigError(f"model.fake_latency_ms={self.fake_latency_ms!r} must be >= 0")
+        if self.preset == "full" and self.checkpoint is None and self.fake_latency_ms is None:
             raise JobConfigError(
                 "model.checkpoint is required with preset 'full': point it at the official "
                 "model_ema_bf16.pth of this backbone (local path or s3:// URI); "
                 "random weights are only allowed with preset 'tiny'"
             )
-        if self.preset == "full" and self.text_encoder is None:
+        if self.preset == "full" and self.text_encoder is None and self.fake_latency_ms is None:
             raise JobConfigError(
                 "model.text_encoder is required with preset 'full': a local directory or s3:// "
                 "prefix holding Gemma-2-2b-it (config, weights and tokenizer)"
@@ -111,6 +120,8 @@ class OutputConfig:
     layout: str = "files"
     image_format: str = "jpeg"  # JPEG q95: ~10-20 ms per 2048² image; PNG level 1: 0.2-0.4 s
     quality: int = 95
+    # Also decode each latent with the backbone's own VAE into <out>/baseline/ (needs model.vae).
+    baseline: bool = False
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -170,9 +181,33 @@ class JobConfig:
     images: OutputConfig = field(default_factory=OutputConfig)
     resources: ResourceConfig = field(default_factory=ResourceConfig)
     ray_address: str | None = None  # None: RAY_ADDRESS if set, else a local Ray
-    max_samples: int | None = None
+    # "images": the input holds PNG/JPEG/WebP files, VAE-encoded to latents first.
+    input_kind: str = "latents"
+    images_per_shard: int = 64  # image inputs are grouped into pseudo-shards of this size
 
     def __post_init__(self) -> None:
+        if self.input_kind not in INPUT_KINDS:
+            raise JobConfigError(f"input_kind={self.input_kind!r}; valid: {INPUT_KINDS}")
+        if self.images_per_shard < 1:
+            raise JobConfigError(f"images_per_shard={self.images_per_shard!r} must be >= 1")
+        needs_vae = [
+            w
+            for w, on in (
+                ("input_kind: images", self.input_kind == "images"),
+                ("images.baseline", self.images.baseline),
+            )
+            if on
+        ]
+        if needs_vae and self.model.vae is None:
+            raise JobConfigError(
+                f"{' and '.join(needs_vae)} need model.vae: the {self.model.backbone} VAE as a "
+                "diffusers folder (local path or s3:// prefix)"
+            )
+        if needs_vae and self.model.spec.backbone in ("dinov2", "siglip"):
+            raise JobConfigError(
+                f"{' and '.join(needs_vae)} are not available for the {self.model.spec.backbone} "
+                "RAE backbone (no diffusers VAE); store its latents instead"
+            )
         for key in ("input", "output"):
             value = getattr(self, key)
             if not isinstance(value, str) or not value:
@@ -194,6 +229,7 @@ class JobConfig:
             "layout": self.images.layout,
             "image_format": self.images.image_format,
             "quality": self.images.quality,
+            "input_kind": self.input_kind,
         }
 
 

@@ -43,6 +43,16 @@ class DecodeActor:
         return self.stage(batch)
 
 
+class VaeActor:
+    """Ray actor: a thin adapter around stages.VaeStage (image encode, baseline decode)."""
+
+    def __init__(self, job: JobConfig):
+        self.stage = stages.VaeStage(job)
+
+    def __call__(self, batch):
+        return self.stage(batch)
+
+
 @dataclass
 class RunResult:
     """What a run did: its summary (whole output, all runs) and this run's own counts."""
@@ -83,11 +93,23 @@ def build_dataset(job: JobConfig, todo: list[dict[str, Any]]) -> ray.data.Datase
     # Let an autoscaling actor pool grow on small nodes (per-operator reservations otherwise
     # hold back the resources it would grow into; measured on a 2-core box).
     ctx.op_resource_reservation_enabled = False
-    items = [{"shard": t["shard"], "key": t["key"], "done_ids": t["done_ids"]} for t in todo]
     # One block per shard: small shard files otherwise get packed into a few blocks and most
     # actors idle (ENVIRONMENT.md).
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.map_batches(stages.read_shard, batch_size=1, fn_kwargs={"job": job}, num_cpus=1)
+    ds = ray.data.from_items(todo, override_num_blocks=max(1, len(todo)))
+    read = stages.read_images if job.input_kind == "images" else stages.read_shard
+    # Reads are IO and parsing: half a CPU each. The differing request also keeps Ray Data from
+    # fusing the read into the decode actor, so the decoder never waits on storage.
+    ds = ds.map_batches(read, batch_size=1, fn_kwargs={"job": job}, num_cpus=0.5)
+    if job.input_kind == "images" or job.images.baseline:
+        ds = ds.map_batches(
+            VaeActor,
+            batch_size=res.batch_size,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=res.max_actors),
+            fn_constructor_kwargs={"job": job},
+            # The VAE is small next to PiD: it shares a GPU (and a CPU) with a decode actor.
+            num_gpus=res.gpus_per_actor / 4 if res.gpus_per_actor else 0,
+            num_cpus=res.cpus_per_actor / 4,
+        )
     ds = ds.map_batches(
         DecodeActor,
         batch_size=res.batch_size,

@@ -24,7 +24,7 @@ import numpy as np
 from pid_batch import codecs, latents, storage
 from pid_batch.config import CheckpointSpec, resolve_checkpoint
 from pid_batch.decoder import SampleError, net_config_for, validate_latent_shape
-from pid_batch.job import JobConfig
+from pid_batch.job import IMAGE_SUFFIXES, JobConfig, JobConfigError
 
 Batch = dict[str, np.ndarray]
 
@@ -75,25 +75,31 @@ def marker_uri(out: str, key: str) -> str:
     return storage.join(out, "_done", f"{key}.json")
 
 
+_BYTES_COLUMNS = ("latent", "pixels")  # raw float32 latent / uint8 HWC image of an image input
+_SHAPE_COLUMNS = ("shape", "pshape")
+_STR_COLUMNS = {"id", "shard", "status", "error", "backbone", "caption", "crop"}
+
+
 def _empty_rows() -> dict[str, list]:
-    return {c: [] for c in (*ROW_COLUMNS, "latent", "shape")}
+    return {c: [] for c in (*ROW_COLUMNS, "crop", *_BYTES_COLUMNS, *_SHAPE_COLUMNS)}
+
+
+def _objects(values: list) -> np.ndarray:
+    arr = np.empty(len(values), dtype=object)
+    arr[:] = values
+    return arr
 
 
 def _columns(rows: dict[str, list]) -> Batch:
     out: Batch = {}
     for k, v in rows.items():
-        if k == "latent":
-            arr = np.empty(len(v), dtype=object)
-            arr[:] = v
-            out[k] = arr
-        elif k == "shape":
+        if k in _BYTES_COLUMNS:
+            out[k] = _objects(v)
+        elif k in _SHAPE_COLUMNS:
             out[k] = np.asarray(v, dtype=np.int64).reshape(len(v), 3)
         else:
             out[k] = np.asarray(v, dtype=object if k in _STR_COLUMNS else None)
     return out
-
-
-_STR_COLUMNS = {"id", "shard", "status", "error", "backbone", "caption"}
 
 
 def read_shard(batch: Batch, job: JobConfig) -> Batch:
@@ -185,14 +191,155 @@ def _add(rows, key, sample_id, index, status, error, spec: CheckpointSpec) -> No
     rows["width"].append(0)
     rows["read_ms"].append(0.0)
     rows["read_done_at"].append(time.time())
-    rows["latent"].append(b"")
-    rows["shape"].append([0, 0, 0])
+    rows["crop"].append(None)
+    for c in _BYTES_COLUMNS:
+        rows[c].append(b"")
+    for c in _SHAPE_COLUMNS:
+        rows[c].append([0, 0, 0])
 
 
 def _finish_shard(rows, count: int) -> None:
     """Every row of a shard carries how many rows the shard sent, so the driver knows its end."""
     for i in range(len(rows["id"]) - count, len(rows["id"])):
         rows["shard_pending"][i] = count
+
+
+def read_images(batch: Batch, job: JobConfig) -> Batch:
+    """Read pseudo-shards of image files (archived generations) into rows for the VAE stage."""
+    from PIL import Image
+
+    spec = job.model.spec
+    rows = _empty_rows()
+    for key, files, done in zip(batch["key"], batch["files"], batch["done_ids"]):
+        done = set(done) if done is not None else set()
+        n0 = len(rows["id"])
+        for index, uri in enumerate(files):
+            sample_id = image_sample_id(job.input, uri)
+            if sample_id in done:
+                continue
+            t0 = time.perf_counter()
+            try:
+                with Image.open(io.BytesIO(storage.read_bytes(uri))) as im:
+                    pixels = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            except Exception as e:
+                _add(
+                    rows,
+                    key,
+                    sample_id,
+                    index,
+                    "error",
+                    f"sample {sample_id!r}: unreadable image: {storage.redact(str(e))}",
+                    spec,
+                )
+            else:
+                _add(rows, key, sample_id, index, "encode", None, spec)
+                rows["caption"][-1] = job.sampling.caption
+                rows["sigma"][-1] = float(job.sampling.sigma)
+                rows["seed"][-1] = sample_seed(job.sampling.seed, sample_id)
+                rows["pixels"][-1] = pixels.tobytes()
+                rows["pshape"][-1] = list(pixels.shape)
+            rows["read_ms"][-1] = (time.perf_counter() - t0) * 1000
+        if len(rows["id"]) == n0:
+            _mark_shard_done(job, key, len(files))
+        _finish_shard(rows, len(rows["id"]) - n0)
+    return _columns(rows)
+
+
+def image_sample_id(input_uri: str, uri: str) -> str:
+    """An image input's id: its path under the input prefix, without extension, key-safe."""
+    rel = uri[len(input_uri.rstrip("/")) + 1 :] if uri.startswith(input_uri) else uri
+    return codecs.sanitize_id(os.path.splitext(rel)[0].replace("/", "__"))
+
+
+def _mark_shard_done(job: JobConfig, key: str, samples: int) -> None:
+    storage.write_json_atomic(marker_uri(job.output, key), {"shard": key, "samples": samples})
+
+
+# -- VAE: encode image inputs, native-decode baseline --------------------------------------------
+
+
+class VaeStage:
+    """Holds the backbone's VAE: image rows → PiD latents; optionally the baseline decode."""
+
+    def __init__(self, job: JobConfig):
+        import torch
+
+        from pid_batch.vae import VaeCodec
+
+        self.job = job
+        self.spec = job.model.spec
+        self.cfg = net_config_for(self.spec, job.model.preset)
+        device = "cuda" if job.resources.gpus_per_actor and torch.cuda.is_available() else "cpu"
+        path = storage.fetch_dir_to_cache(job.model.vae)
+        self.codec = VaeCodec.from_path(path, self.spec.backbone, device=device)
+
+    def __call__(self, batch: Batch) -> Batch:
+        import torch
+
+        from pid_batch import latents as lat
+
+        n = len(batch["id"])
+        out = {k: v for k, v in batch.items() if k not in ("pixels", "pshape")}
+        status = [str(v) for v in batch["status"]]
+        error = [_str(v) for v in batch["error"]]
+        latent, shape = list(batch["latent"]), [list(x) for x in batch["shape"]]
+        height, width = list(batch["height"]), list(batch["width"])
+        crop, vae_ms = [_str(v) for v in batch["crop"]], [0.0] * n
+        baseline, baseline_ms = [b""] * n, [0.0] * n
+        for i in range(n):
+            sid = str(batch["id"][i])
+            if status[i] == "encode":
+                try:
+                    img = np.frombuffer(batch["pixels"][i], np.uint8).reshape(batch["pshape"][i])
+                    ((z, box),) = self.codec.encode([img])
+                    vae_ms[i] = self.codec.last_encode_ms
+                    sigma = float(batch["sigma"][i])
+                    if sigma > 0:  # SPEC §6.1: noise added in fp32 from the sample's own seed
+                        g = torch.Generator().manual_seed(int(batch["seed"][i]))
+                        z = lat.noise_latent(z, sigma, self.spec.backbone, generator=g)
+                    z = np.ascontiguousarray(z.numpy(), dtype=np.float32)
+                    h, w = validate_latent_shape(
+                        self.spec, self.cfg, z.shape, sid, self.job.model.preset == "full"
+                    )
+                except Exception as e:
+                    status[i], error[i] = (
+                        "error",
+                        f"sample {sid!r}: VAE encode failed: {storage.redact(str(e))}",
+                    )
+                    continue
+                latent[i], shape[i], height[i], width[i] = z.tobytes(), list(z.shape), h, w
+                crop[i], status[i] = ",".join(map(str, box)), "pending"
+            if self.job.images.baseline and status[i] == "pending":
+                try:
+                    z = np.frombuffer(latent[i], np.float32).reshape(shape[i])
+                    (img,) = self.codec.decode([torch.from_numpy(z.copy())])
+                    baseline[i], baseline_ms[i] = _pack_image(img), self.codec.last_decode_ms
+                except Exception as e:  # the PiD image can still be made: keep the row pending
+                    error[i] = f"baseline decode failed: {storage.redact(str(e))}"
+        out.update(
+            status=np.asarray(status, dtype=object),
+            error=_objects(error),
+            latent=_objects(latent),
+            shape=np.asarray(shape, dtype=np.int64).reshape(n, 3),
+            height=np.asarray(height, dtype=np.int64),
+            width=np.asarray(width, dtype=np.int64),
+            crop=_objects(crop),
+            vae_encode_ms=np.asarray(vae_ms, dtype=np.float32),
+            baseline=_objects(baseline),
+            baseline_ms=np.asarray(baseline_ms, dtype=np.float32),
+        )
+        return out
+
+
+def _pack_image(img: np.ndarray) -> bytes:
+    """An HWC uint8 image as bytes with a 8-byte (h, w) header, so rows carry their own size."""
+    h, w = img.shape[:2]
+    return np.asarray([h, w], dtype=np.int32).tobytes() + np.ascontiguousarray(img).tobytes()
+
+
+def _unpack_image(data: bytes) -> np.ndarray:
+    h, w = np.frombuffer(data[:8], np.int32)
+    return np.frombuffer(data[8:], np.uint8).reshape(int(h), int(w), 3)
 
 
 # -- decode -----------------------------------------------------------------------------------
@@ -202,33 +349,14 @@ class DecodeStage:
     """Holds one warm Decoder; maps read rows to rows with raw images (the actor's body)."""
 
     def __init__(self, job: JobConfig):
-        import torch
-
-        from pid_batch.decoder import Decoder
-
         self.job = job
-        spec = job.model.spec
-        checkpoint = (
-            storage.fetch_to_cache(job.model.checkpoint, sha256=job.model.checkpoint_sha256)
-            if job.model.checkpoint
-            else None
-        )
-        device = None
-        if job.resources.gpus_per_actor == 0 or not torch.cuda.is_available():
-            device = "cpu"
         t0 = time.perf_counter()
-        self.decoder = Decoder(
-            spec,
-            preset=job.model.preset,
-            checkpoint=checkpoint,
-            steps=job.sampling.steps,
-            device=device,
-            dtype=job.model.dtype,
-            compile=job.model.compile,
-            micro_batch=job.resources.micro_batch,
-            text_encoder=None,
-        )
-        self.decoder.text_encoder = _text_encoder(job, self.decoder)
+        if job.model.fake_latency_ms is not None:
+            from pid_batch.fake import SleepDecoder
+
+            self.decoder = SleepDecoder(job.model.spec, job.model.preset, job.model.fake_latency_ms)
+        else:
+            self.decoder = _real_decoder(job)
         self.startup_s = time.perf_counter() - t0
         self.node = socket.gethostname()
         self.actor = f"{self.node}:{os.getpid()}"
@@ -320,6 +448,34 @@ class DecodeStage:
         status[i] = "ok"
 
 
+def _real_decoder(job: JobConfig):
+    """The warm Decoder for this job, weights fetched once per node from wherever they live."""
+    import torch
+
+    from pid_batch.decoder import Decoder
+
+    checkpoint = None
+    if job.model.checkpoint:
+        checkpoint = storage.fetch_to_cache(
+            job.model.checkpoint, sha256=job.model.checkpoint_sha256
+        )
+    device = None
+    if job.resources.gpus_per_actor == 0 or not torch.cuda.is_available():
+        device = "cpu"
+    decoder = Decoder(
+        job.model.spec,
+        preset=job.model.preset,
+        checkpoint=checkpoint,
+        steps=job.sampling.steps,
+        device=device,
+        dtype=job.model.dtype,
+        compile=job.model.compile,
+        micro_batch=job.resources.micro_batch,
+    )
+    decoder.text_encoder = _text_encoder(job, decoder)
+    return decoder
+
+
 def _text_encoder(job: JobConfig, decoder) -> Any:
     from pid_batch.model import text
 
@@ -366,6 +522,16 @@ def encode_write(batch: Batch, job: JobConfig) -> Batch:
                     bytes=len(data),
                     output=uri[len(out.rstrip("/")) + 1 :],
                 )
+        if status[i] == "ok" and "baseline" in batch and len(batch["baseline"][i]):
+            try:
+                data = codecs.encode_image(_unpack_image(batch["baseline"][i]), fmt, quality)
+                uri = storage.join(out, "baseline", f"{batch['id'][i]}.{codecs.IMAGE_FORMATS[fmt]}")
+                storage.write_bytes_atomic(uri, data)
+                row.update(
+                    baseline_bytes=len(data), baseline_output=uri[len(out.rstrip("/")) + 1 :]
+                )
+            except Exception as e:  # the PiD image is written; report the missing baseline
+                error[i] = f"baseline write failed: {storage.redact(str(e))}"
         row["status"], row["error"] = status[i], error[i]
         row["finished_at"] = _ts(time.time())
         rows.append(row)
@@ -432,6 +598,9 @@ def _timing_row(batch: Batch, i: int, job: JobConfig) -> dict[str, Any]:
         "batch_size": int(get("micro_batch", 0)),
         "started_at": _ts(float(started) if started is not None else read_done),
         "output": None,
+        "crop": _str(get("crop")),
+        "vae_encode_ms": float(get("vae_encode_ms", 0.0)),
+        "baseline_ms": float(get("baseline_ms", 0.0)) or None,
     }
 
 
@@ -453,20 +622,34 @@ def done_ids(out: str, key: str) -> list[str]:
 
 
 def plan_shards(job: JobConfig) -> tuple[list[dict[str, Any]], int]:
-    """Shards still to do (with their already-done ids) and the count of shards already done."""
-    shards = storage.list_files(job.input, suffixes=(".safetensors", ".parquet"))
-    done_markers = set()
+    """Shards still to do (with their already-done ids) and the count of shards already done.
+
+    Image inputs are grouped into pseudo-shards of `images_per_shard` files in sorted order,
+    keyed by their first and last file, so a rerun over the same archive finds the same keys.
+    """
+    if job.input_kind == "images":
+        files = storage.list_files(job.input, suffixes=IMAGE_SUFFIXES)
+        step = job.images_per_shard
+        shards = []
+        for i in range(0, len(files), step):
+            chunk = files[i : i + step]
+            digest = hashlib.sha256(f"{chunk[0]}\n{chunk[-1]}".encode()).hexdigest()[:12]
+            shards.append((f"images-{i // step:06d}-{digest}", chunk[0], chunk))
+    else:
+        files = storage.list_files(job.input, suffixes=(".safetensors", ".parquet"))
+        shards = [(shard_key(job.input, uri), uri, None) for uri in files]
+    if not shards:
+        raise JobConfigError(
+            f"no input {'images' if job.input_kind == 'images' else 'shards'} under {job.input!r}"
+        )
     try:
-        done_markers = {
-            os.path.basename(u)[: -len(".json")]
-            for u in storage.list_files(storage.join(job.output, "_done"), suffixes=(".json",))
-        }
+        markers = storage.list_files(storage.join(job.output, "_done"), suffixes=(".json",))
     except FileNotFoundError:
-        pass
-    todo = []
-    for uri in shards:
-        key = shard_key(job.input, uri)
-        if key in done_markers:
-            continue
-        todo.append({"shard": uri, "key": key, "done_ids": done_ids(job.output, key)})
+        markers = []
+    done_markers = {os.path.basename(u)[: -len(".json")] for u in markers}
+    todo = [
+        {"shard": uri, "key": key, "files": chunk, "done_ids": done_ids(job.output, key)}
+        for key, uri, chunk in shards
+        if key not in done_markers
+    ]
     return todo, len(shards) - len(todo)

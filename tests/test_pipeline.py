@@ -178,3 +178,69 @@ def test_output_written_with_other_settings_is_refused(local_ray, tmp_path):
     )
     with pytest.raises(JobConfigError, match="image_format"):
         pipeline.run(other, log=None)
+
+
+@pytest.fixture(scope="module")
+def tiny_flux_vae(tmp_path_factory):
+    from pid_batch.vae import make_tiny_vae
+
+    return str(make_tiny_vae(tmp_path_factory.mktemp("vae"), "flux"))
+
+
+def write_images(root: str, n: int, size=(70, 53)) -> list[str]:
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    ids = []
+    for i in range(n):
+        img = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        storage.write_bytes_atomic(storage.join(root, "sub", f"img{i}.png"), buf.getvalue())
+        ids.append(f"sub__img{i}")
+    return ids
+
+
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_image_inputs_encode_decode_with_baseline(
+    local_ray, tmp_path, s3_bucket, tiny_flux_vae, backend
+):
+    root = str(tmp_path) if backend == "local" else f"s3://{s3_bucket}"
+    inp, out = storage.join(root, "archive"), storage.join(root, "out")
+    ids = write_images(inp, 3)
+    job = JobConfig(
+        input=inp,
+        output=out,
+        input_kind="images",
+        images_per_shard=2,
+        model=ModelConfig(backbone="flux", ckpt_type="2k", preset="tiny", vae=tiny_flux_vae),
+        images=OutputConfig(image_format="png", baseline=True),
+        resources=ResourceConfig(batch_size=4, cpus_per_actor=0.5),
+    )
+    result = pipeline.run(job, log=None)
+    assert result.exit_code == 0, result.summary
+    table = read_timing(out)
+    assert sorted(table.column("id").to_pylist()) == sorted(ids)
+    rows = table.to_pylist()
+    # 70×53 is centre-cropped to 64×48 (multiples of 8) → latent 8×6 → PiD output 256×192.
+    assert {(r["crop"], r["width"], r["height"]) for r in rows} == {("3,2,67,50", 256, 192)}
+    assert all(r["vae_encode_ms"] > 0 and r["baseline_ms"] > 0 for r in rows)
+    from PIL import Image
+
+    for sid in ids:
+        pid = Image.open(io.BytesIO(storage.read_bytes(storage.join(out, "images", f"{sid}.png"))))
+        base = Image.open(
+            io.BytesIO(storage.read_bytes(storage.join(out, "baseline", f"{sid}.png")))
+        )
+        assert pid.size == (256, 192) and base.size == (64, 48)
+    assert pipeline.run(job, log=None).processed == 0
+
+
+def test_image_inputs_need_a_vae():
+    with pytest.raises(JobConfigError, match="model.vae"):
+        JobConfig(
+            input="in",
+            output="out",
+            input_kind="images",
+            model=ModelConfig(backbone="flux", preset="tiny"),
+        )
