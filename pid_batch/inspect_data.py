@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pid_batch import codecs, storage
-from pid_batch.report import error_reason
+from pid_batch.summary import error_reason
 
 MAX_EXAMPLES = 3  # example ids kept per problem
 _ST_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}

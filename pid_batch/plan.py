@@ -32,7 +32,7 @@ PAPER_SOURCES = {
 }
 
 # Output bytes per pixel (low = smooth photo, high = texture-heavy), from the 2048² encoder
-# measurements in /work/shared/ENVIRONMENT.md ("Encoding a 2048×2048 RGB image"): JPEG q95 4:2:0
+# measurements on the 2-core development machine (Pillow 13): JPEG q95 4:2:0
 # 0.70 / 3.1 MB, PNG level 1 3.8 / 10.6 MB, WebP q90 method 0 0.29 / 2.2 MB, divided by 2048².
 # pid-batch writes JPEG 4:4:4, which codecs.py measured at 1.3-1.5x the 4:2:0 bytes.
 _PX = 2048 * 2048
@@ -41,7 +41,7 @@ BYTES_PER_PIXEL: dict[str, tuple[float, float]] = {
     "png": (3.8e6 / _PX, 10.6e6 / _PX),
     "webp": (0.29e6 / _PX, 2.2e6 / _PX),
 }
-# Share of wall time the decoders are busy in the streaming pipeline (ENVIRONMENT.md measured
+# Share of wall time the decoders are busy in the streaming pipeline (measured on the development machine:
 # 95-97.6 % with a stand-in decoder; rounded down).
 DECODER_UTILIZATION = 0.95
 
@@ -270,13 +270,13 @@ def plan(
             f"latency per accelerator = ms per 2048² {REFERENCE_VARIANT} {REFERENCE_STEPS}-step "
             f"decode × {scale:.3f} (this size/variant/steps)",
             *(f"{a}: {v['source']}" for a, v in accs.items()),
-            f"decoders busy {DECODER_UTILIZATION:.0%} of the wall time (ENVIRONMENT.md pipeline "
+            f"decoders busy {DECODER_UTILIZATION:.0%} of the wall time (development-machine pipeline "
             "measurement); work is pulled dynamically, so faster GPUs take more images",
             "excludes cluster start-up (node launch, image pull, checkpoint download, actor "
             "warm-up ~minutes) and the optional caption encoder (Gemma-2-2b, ~1.6 TFLOP per "
             "caption: < 1 % of a 2048² decode)",
             f"{fmt} bytes/pixel {lo:.3f}-{hi:.3f} (smooth-textured 2048² images, "
-            "/work/shared/ENVIRONMENT.md encoder table)",
+            "development-machine encoder measurements)",
             "gpu_hours = wall × all GPUs held; gpu_hours_busy = decode time only",
         ],
     }  # fmt: skip

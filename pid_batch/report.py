@@ -10,7 +10,6 @@ import html
 import io
 import json
 import math
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -22,7 +21,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from pid_batch import storage
-from pid_batch.summary import read_timing, summarize
+from pid_batch.summary import error_reason, read_timing, summarize
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 HIST_STAGES = ("read_ms", "queue_ms", "text_ms", "decode_ms", "encode_ms", "write_ms")
@@ -174,17 +173,6 @@ def _throughput(table: pa.Table) -> tuple[bytes, float] | None:
     ax.legend(fontsize=8, loc="upper right")
     fig.subplots_adjust(left=0.07, right=0.98, top=0.95, bottom=0.17)
     return _fig_png(fig), bucket
-
-
-_PREFIX = re.compile(r"^\S+\[\d+\] id=(?:'[^']*'|\"[^\"]*\"): ")
-
-
-def error_reason(message: str | None) -> str:
-    """A sample's error message without its shard/id prefix and numbers, so alike errors group."""
-    msg = _PREFIX.sub("", message or "unknown")
-    msg = re.sub(r"\b(id=?\s?)('[^']*'|\"[^\"]*\")", r"\1…", msg)  # "duplicate id 'x'"
-    msg = re.sub(r"\d+(\.\d+)?", "N", msg)
-    return msg[:120]
 
 
 def _esc(x: Any) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from typing import Any
 
 import numpy as np
@@ -11,6 +12,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pid_batch import storage
+
+_PREFIX = re.compile(r"^\S+\[\d+\] id=(?:'[^']*'|\"[^\"]*\"): ")
+
+
+def error_reason(message: str | None) -> str:
+    """A sample's error message without its shard/id prefix and numbers, so alike errors group."""
+    msg = _PREFIX.sub("", message or "unknown")
+    msg = re.sub(r"sample (?:'[^']*'|\"[^\"]*\"): ", "", msg)  # decoder/latent errors
+    msg = re.sub(r"\b(id=?\s?)('[^']*'|\"[^\"]*\")", r"\1…", msg)  # "duplicate id 'x'"
+    msg = re.sub(r"\d+(\.\d+)?", "N", msg)
+    return msg[:120]
+
 
 STAGES = ("read_ms", "queue_ms", "text_ms", "decode_ms", "encode_ms", "write_ms")
 
@@ -47,6 +60,7 @@ def latest_per_id(table: pa.Table) -> pa.Table:
 
 
 def _pct(values: np.ndarray) -> dict[str, float]:
+    values = values[~np.isnan(values)]  # null cells (a stage a row never went through)
     if values.size == 0:
         return {}
     p50, p95, p99 = np.percentile(values, [50, 95, 99])
