@@ -1,0 +1,172 @@
+"""Strict checkpoint loading: official layout round-trips; every kind of mismatch is rejected."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pid_batch.checkpoint import load_net, read_state_dict, save_checkpoint
+from pid_batch.config import VARIANTS, tiny
+from pid_batch.model import PidNet
+
+CFG = tiny(VARIANTS["v1p5_sr4x_c16"])
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return PidNet(CFG).eval()
+
+
+@pytest.fixture(scope="module")
+def official_state(net):
+    """The released file layout: `net.<key>` -> bf16 tensor."""
+    return {f"net.{k}": v.detach().to(torch.bfloat16) for k, v in net.state_dict().items()}
+
+
+def _assert_same_weights(loaded: torch.nn.Module, net: torch.nn.Module, dtype=torch.float32):
+    ref = net.state_dict()
+    got = loaded.state_dict()
+    assert got.keys() == ref.keys()
+    for k, v in got.items():
+        assert v.dtype == dtype, k
+        assert torch.equal(v, ref[k].to(torch.bfloat16).to(dtype)), k
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_save_load_round_trip(tmp_path, net, suffix):
+    path = tmp_path / f"model_ema_bf16{suffix}"
+    save_checkpoint(net, path)
+    raw = torch.load(path, weights_only=True) if suffix == ".pth" else None
+    if raw is not None:  # the official format: plain dict, net. prefix, bf16, 0-d log_alpha
+        assert all(k.startswith("net.") and v.dtype == torch.bfloat16 for k, v in raw.items())
+        assert raw["net.pit_lq_gate.log_alpha"].shape == ()
+    loaded = load_net(path, CFG)
+    _assert_same_weights(loaded, net)
+    assert not loaded.training
+    bf16 = load_net(path, CFG, dtype=torch.bfloat16)
+    _assert_same_weights(bf16, net, torch.bfloat16)
+    x = torch.randn(1, 3, 64, 64)
+    args = (
+        x,
+        torch.full((1,), 999.0),
+        torch.randn(1, 8, 24),
+        torch.randn(1, 16, 2, 2),
+        torch.zeros(1),
+    )
+    with torch.no_grad():
+        rounded = PidNet(CFG).eval()
+        rounded.load_state_dict(
+            {k: v.to(torch.bfloat16).float() for k, v in net.state_dict().items()}
+        )
+        assert torch.equal(loaded(*args), rounded(*args))
+
+
+def test_read_state_dict_strips_prefix_only(tmp_path, official_state):
+    path = tmp_path / "m.pth"
+    torch.save(official_state, path)
+    state = read_state_dict(path)
+    assert set(state) == {k.removeprefix("net.") for k in official_state}
+    # Un-prefixed keys pass through unchanged (like the official loader).
+    torch.save({k.removeprefix("net."): v for k, v in official_state.items()}, path)
+    assert set(read_state_dict(path)) == set(state)
+
+
+def _write(tmp_path: Path, state: dict, suffix=".pth") -> Path:
+    path = tmp_path / f"bad{suffix}"
+    if suffix == ".pth":
+        torch.save(state, path)
+    else:
+        save_file(state, str(path))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_renamed_key_is_rejected(tmp_path, official_state, suffix):
+    state = dict(official_state)
+    state["net.final_layer.linear.weights"] = state.pop("net.final_layer.linear.weight")
+    with pytest.raises(ValueError) as err:
+        load_net(_write(tmp_path, state, suffix), CFG)
+    msg = str(err.value)
+    assert "missing keys: 1 (final_layer.linear.weight)" in msg
+    assert "unexpected keys: 1 (final_layer.linear.weights)" in msg
+
+
+def test_wrong_shape_is_rejected(tmp_path, official_state):
+    state = dict(official_state)
+    state["net.y_pos_embedding"] = torch.zeros(1, 9, 32, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"y_pos_embedding: file \[1, 9, 32\] vs net \[1, 8, 32\]"):
+        load_net(_write(tmp_path, state), CFG)
+
+
+def test_missing_key_is_rejected(tmp_path, official_state):
+    state = {k: v for k, v in official_state.items() if "lq_aux_rgb_head" not in k}
+    with pytest.raises(ValueError, match=r"missing keys: 6 \(lq_proj.lq_aux_rgb_head.0.bias"):
+        load_net(_write(tmp_path, state), CFG)
+
+
+def test_wrong_variant_is_rejected(tmp_path, net):
+    path = tmp_path / "m.pth"
+    save_checkpoint(net, path)
+    with pytest.raises(ValueError) as err:
+        load_net(path, tiny(VARIANTS["v1_sr4x_c16"]))
+    # v1.5 file into a v1 net: aux head (6) + pit_head (2) + pit_lq_gate (3) are extra, and the
+    # per-token gates ([1, 2D]) do not fit the per-dim ones ([D, 2D]).
+    assert "unexpected keys: 11 (lq_proj.lq_aux_rgb_head.0.bias" in str(err.value)
+    assert (
+        "shape mismatches: 4 (lq_proj.gate_modules.0.content_proj.bias: file [1] vs net [32]"
+        in str(err.value)
+    )
+
+
+def test_training_state_prefixes_are_reported(tmp_path, official_state):
+    state = {k.replace("net.", "net_ema.", 1): v for k, v in official_state.items()}
+    with pytest.raises(ValueError, match="training-state prefixes"):
+        load_net(_write(tmp_path, state), CFG)
+
+
+class _Payload:
+    """Unpickling this would create a file (stands in for arbitrary code execution)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def test_pickled_object_is_refused_and_not_executed(tmp_path, official_state):
+    marker = tmp_path / "executed.txt"
+    state = dict(official_state)
+    state["net.extra"] = _Payload(marker)
+    path = _write(tmp_path, state)
+    with pytest.raises(ValueError, match="refusing to unpickle"):
+        load_net(path, CFG)
+    with pytest.raises(ValueError, match="refusing to unpickle"):
+        read_state_dict(path)
+    assert not marker.exists()
+    # The payload is real: an unsafe load would have run it.
+    torch.load(path, weights_only=False)
+    assert marker.read_text() == "pwned"
+
+
+def test_non_dict_and_non_tensor_values_are_refused(tmp_path, official_state):
+    with pytest.raises(ValueError, match="plain dict"):
+        read_state_dict(_write(tmp_path, list(official_state.values())))
+    with pytest.raises(ValueError, match="plain dict"):
+        read_state_dict(_write(tmp_path, {"net.a": 1}))
+    with pytest.raises(ValueError, match="suffix"):
+        read_state_dict(tmp_path / "model.bin")
+
+
+def test_sha256_is_verified(tmp_path, net):
+    path = tmp_path / "m.pth"
+    save_checkpoint(net, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    load_net(path, CFG, sha256=digest.upper())
+    with pytest.raises(ValueError, match="sha256 .* does not match expected 0000"):
+        load_net(path, CFG, sha256="0" * 64)
