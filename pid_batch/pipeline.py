@@ -157,6 +157,8 @@ def run(job: JobConfig, *, log: TextIO | None = sys.stderr, **init_kwargs: Any) 
         progress = _Progress(log, shards=len(todo))
         seen: dict[str, int] = defaultdict(int)
         failed: dict[str, int] = defaultdict(int)
+        finish = ray.remote(num_cpus=0.5, max_retries=3)(stages.finish_shard)
+        finishing = []
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for sid, key, pending, status in zip(
                 batch["id"], batch["shard"], batch["shard_pending"], batch["status"]
@@ -169,9 +171,11 @@ def run(job: JobConfig, *, log: TextIO | None = sys.stderr, **init_kwargs: Any) 
                     result.error_ids.append(str(sid))
                 if seen[key] == int(pending):
                     result.shards_done += 1
-                    if not failed[key]:
-                        _mark_done(job, key)
+                    finishing.append(finish.remote(job, key, not failed[key]))
             progress.update(result)
+        ray.get(
+            finishing
+        )  # tar merges and done markers: off the driver, awaited before the summary
         progress.close(result)
     table = read_timing(job.output)
     result.wall_s = time.time() - t0
@@ -191,11 +195,6 @@ def run(job: JobConfig, *, log: TextIO | None = sys.stderr, **init_kwargs: Any) 
     if log:
         print(format_summary(result.summary), file=log)
     return result
-
-
-def _mark_done(job: JobConfig, key: str) -> None:
-    """A shard is done when all its samples have ok rows; its marker is written last."""
-    storage.write_json_atomic(stages.marker_uri(job.output, key), {"shard": key})
 
 
 class _Progress:

@@ -20,6 +20,7 @@ from collections import defaultdict
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from pid_batch import codecs, latents, storage
 from pid_batch.config import CheckpointSpec, resolve_checkpoint
@@ -252,7 +253,8 @@ def image_sample_id(input_uri: str, uri: str) -> str:
 
 
 def _mark_shard_done(job: JobConfig, key: str, samples: int) -> None:
-    storage.write_json_atomic(marker_uri(job.output, key), {"shard": key, "samples": samples})
+    """Every sample of the shard already has an ok row (a crash came before its marker)."""
+    finish_shard(job, key, all_ok=True)
 
 
 # -- VAE: encode image inputs, native-decode baseline --------------------------------------------
@@ -493,15 +495,23 @@ def _text_encoder(job: JobConfig, decoder) -> Any:
 
 
 def encode_write(batch: Batch, job: JobConfig) -> Batch:
-    """Encode and write each ok image, then the batch's timing rows (rows last, after images)."""
+    """Encode and write each ok image, then the batch's timing rows (rows last, after images).
+
+    Layout "files": one object per image. Layout "tar": the batch's images of each shard go
+    into one staged tar part, merged into <out>/shards/<shard>.tar when the shard completes.
+    """
     out = job.output
     fmt, quality = job.images.image_format, job.images.quality
+    ext = codecs.IMAGE_FORMATS[fmt]
+    tar = job.images.layout == "tar"
     n = len(batch["id"])
     rows: list[dict[str, Any]] = []
+    staged: dict[str, list[tuple[str, bytes]]] = defaultdict(list)
     status = [str(v) for v in batch["status"]]
     error = [_str(v) for v in batch["error"]]
     for i in range(n):
         row = _timing_row(batch, i, job)
+        sid, key = str(batch["id"][i]), str(batch["shard"][i])
         if status[i] == "ok":
             h, w = int(batch["height"][i]), int(batch["width"][i])
             try:
@@ -509,8 +519,13 @@ def encode_write(batch: Batch, job: JobConfig) -> Batch:
                 img = np.frombuffer(batch["image"][i], np.uint8).reshape(h, w, 3)
                 data = codecs.encode_image(img, fmt, quality)
                 t1 = time.perf_counter()
-                uri = image_uri(out, str(batch["id"][i]), fmt)
-                storage.write_bytes_atomic(uri, data)
+                if tar:
+                    staged[key] += codecs.sample_members(sid, ext, data, _member_meta(row))
+                    output = f"shards/{key}.tar:{sid}.{ext}"
+                else:
+                    uri = image_uri(out, sid, fmt)
+                    storage.write_bytes_atomic(uri, data)
+                    output = uri[len(out.rstrip("/")) + 1 :]
                 t2 = time.perf_counter()
             except Exception as e:
                 status[i] = "error"
@@ -520,40 +535,100 @@ def encode_write(batch: Batch, job: JobConfig) -> Batch:
                     encode_ms=(t1 - t0) * 1000,
                     write_ms=(t2 - t1) * 1000,
                     bytes=len(data),
-                    output=uri[len(out.rstrip("/")) + 1 :],
+                    output=output,
                 )
         if status[i] == "ok" and "baseline" in batch and len(batch["baseline"][i]):
             try:
                 data = codecs.encode_image(_unpack_image(batch["baseline"][i]), fmt, quality)
-                uri = storage.join(out, "baseline", f"{batch['id'][i]}.{codecs.IMAGE_FORMATS[fmt]}")
-                storage.write_bytes_atomic(uri, data)
-                row.update(
-                    baseline_bytes=len(data), baseline_output=uri[len(out.rstrip("/")) + 1 :]
-                )
+                if tar:
+                    staged[key].append((f"{sid}.baseline.{ext}", data))
+                    row["baseline_output"] = f"shards/{key}.tar:{sid}.baseline.{ext}"
+                else:
+                    uri = storage.join(out, "baseline", f"{sid}.{ext}")
+                    storage.write_bytes_atomic(uri, data)
+                    row["baseline_output"] = uri[len(out.rstrip("/")) + 1 :]
+                row["baseline_bytes"] = len(data)
             except Exception as e:  # the PiD image is written; report the missing baseline
                 error[i] = f"baseline write failed: {storage.redact(str(e))}"
         row["status"], row["error"] = status[i], error[i]
         row["finished_at"] = _ts(time.time())
         rows.append(row)
+    part = uuid.uuid4().hex[:16]
+    for key, members in staged.items():  # staged tar parts first: rows must follow their images
+        t0 = time.perf_counter()
+        storage.write_bytes_atomic(staging_uri(out, key, part), codecs.build_tar(members))
+        share = (time.perf_counter() - t0) * 1000 / max(1, len(members) // 2)
+        for r in rows:
+            if r["shard"] == key and r["status"] == "ok":
+                r["write_ms"] = share
     by_shard: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_shard[r["shard"]].append(r)
-    for key, part in by_shard.items():
-        table = codecs.timing_table(part)
+    for key, part_rows in by_shard.items():
         buf = io.BytesIO()
-        import pyarrow.parquet as pq
-
-        pq.write_table(table, buf)
-        name = f"part-{uuid.uuid4().hex[:16]}.parquet"
-        storage.write_bytes_atomic(storage.join(timing_dir(out, key), name), buf.getvalue())
+        pq.write_table(codecs.timing_table(part_rows), buf)
+        storage.write_bytes_atomic(
+            storage.join(timing_dir(out, key), f"part-{part}.parquet"), buf.getvalue()
+        )
     return {
         "id": np.asarray(batch["id"], dtype=object),
         "shard": np.asarray(batch["shard"], dtype=object),
         "shard_pending": np.asarray(batch["shard_pending"], dtype=np.int64),
         "status": np.asarray(status, dtype=object),
-        "error": np.asarray(error, dtype=object),
+        "error": _objects(error),
         "decode_ms": np.asarray(batch.get("decode_ms", np.zeros(n)), dtype=np.float32),
     }
+
+
+def _member_meta(row: dict[str, Any]) -> dict[str, Any]:
+    """The JSON stored beside an image in a tar: what produced it."""
+    keys = ("id", "shard", "index", "backbone", "variant", "checkpoint", "height", "width")
+    return {k: row[k] for k in keys} | {
+        "steps": row["steps"],
+        "seed": row["seed"],
+        "sigma": row["sigma"],
+    }
+
+
+def staging_uri(out: str, key: str, part: str) -> str:
+    return storage.join(out, "_staging", key, f"{part}.tar")
+
+
+def tar_uri(out: str, key: str) -> str:
+    return storage.join(out, "shards", f"{key}.tar")
+
+
+def assemble_tar(job: JobConfig, key: str) -> int:
+    """Merge a shard's staged parts (and its existing tar, from earlier runs) into one tar.
+
+    The tar is written atomically, then the staged parts are deleted; a rerun after a crash
+    between the two merges the same members again. Returns the number of members.
+    """
+    out = job.output
+    members: dict[str, bytes] = {}
+    final = tar_uri(out, key)
+    if storage.exists(final):
+        members.update(codecs.read_tar(storage.read_bytes(final)))
+    try:
+        parts = storage.list_files(storage.join(out, "_staging", key), suffixes=(".tar",))
+    except FileNotFoundError:
+        parts = []
+    for uri in parts:
+        for name, data in codecs.read_tar(storage.read_bytes(uri)).items():
+            members.setdefault(name, data)  # a retried task may have staged a sample twice
+    if parts:
+        storage.write_bytes_atomic(final, codecs.build_tar(sorted(members.items())))
+        for uri in parts:
+            storage.delete(uri)
+    return len(members)
+
+
+def finish_shard(job: JobConfig, key: str, all_ok: bool) -> None:
+    """A shard whose rows are all in: merge its tar (tar layout), then its done marker, last."""
+    if job.images.layout == "tar":
+        assemble_tar(job, key)
+    if all_ok:
+        storage.write_json_atomic(marker_uri(job.output, key), {"shard": key})
 
 
 def _str(v) -> str | None:
@@ -606,8 +681,6 @@ def _timing_row(batch: Batch, i: int, job: JobConfig) -> dict[str, Any]:
 
 def done_ids(out: str, key: str) -> list[str]:
     """Ids of a shard whose ok timing row exists (so their image was written before it)."""
-    import pyarrow.parquet as pq
-
     ids: set[str] = set()
     try:
         parts = storage.list_files(timing_dir(out, key), suffixes=(".parquet",))

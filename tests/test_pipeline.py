@@ -244,3 +244,44 @@ def test_image_inputs_need_a_vae():
             input_kind="images",
             model=ModelConfig(backbone="flux", preset="tiny"),
         )
+
+
+def test_tar_layout_one_tar_per_shard_and_rerun(local_ray, tmp_path):
+    inp, out = str(tmp_path / "in"), str(tmp_path / "out")
+    ids = write_shards(inp, shards=2, per_shard=3)
+    job = JobConfig(
+        input=inp,
+        output=out,
+        model=ModelConfig(backbone="flux", ckpt_type="2k", preset="tiny"),
+        images=OutputConfig(image_format="png", layout="tar"),
+        resources=ResourceConfig(batch_size=2, encode_batch_size=2),
+    )
+    assert pipeline.run(job, log=None).exit_code == 0
+    tars = storage.list_files(storage.join(out, "shards"))
+    assert [t.rsplit("/", 1)[1] for t in tars] == [
+        "shard-000.safetensors.tar",
+        "shard-001.safetensors.tar",
+    ]
+    names = set()
+    for t in tars:
+        members = codecs.read_tar(storage.read_bytes(t))
+        names |= set(members)
+        for name, data in members.items():
+            if name.endswith(".json"):
+                meta = json.loads(data)
+                assert meta["height"] == 64 and meta["width"] == 96 and meta["steps"] == 4
+    assert names == {f"{i}.png" for i in ids} | {f"{i}.json" for i in ids}
+    assert not storage.exists(storage.join(out, "_staging")) or not storage.list_files(
+        storage.join(out, "_staging")
+    )
+    assert list_images(out) == []  # no per-image objects in this layout
+    table = read_timing(out)
+    assert all(o.startswith("shards/") for o in table.column("output").to_pylist())
+
+    # A crash after the tar but before its marker: the rerun re-merges nothing and marks it done.
+    storage.delete(storage.join(out, "_done", "shard-001.safetensors.json"))
+    before = {t: storage.read_bytes(t) for t in tars}
+    again = pipeline.run(job, log=None)
+    assert again.processed == 0
+    assert storage.exists(storage.join(out, "_done", "shard-001.safetensors.json"))
+    assert {t: storage.read_bytes(t) for t in tars} == before
