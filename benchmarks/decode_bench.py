@@ -27,7 +27,7 @@ import torch
 
 from pid_batch.checkpoint import load_net
 from pid_batch.config import VARIANTS, NetConfig, tiny
-from pid_batch.model import PidNet
+from pid_batch.model import PidNet, flops
 from pid_batch.sampling import sample, student_t_list
 
 # Dense bf16 tensor-core peak (no sparsity), from the vendor datasheets.
@@ -41,37 +41,8 @@ PEAK_BF16_FLOPS = {
 
 
 def count_flops(cfg: NetConfig, H: int, W: int, txt_len: int = 300) -> int:
-    """Matmul + conv + attention FLOPs (2 per MAC) of one forward for one image of H x W."""
-    p = cfg.patch_size
-    L = (H // p) * (W // p)
-    P = p * p
-    Lt = min(txt_len, cfg.txt_max_length)
-    D, C, A = cfg.hidden_size, cfg.pixel_hidden_size, cfg.pixel_attn_hidden_size
-    Hq, FF = cfg.lq_hidden_dim, cfg.swiglu_hidden
-    n_feats = cfg.num_lq_outputs + int(cfg.pit_lq_inject)
-
-    def mm(m: int, k: int, n: int) -> int:
-        return 2 * m * k * n
-
-    def attn(nq: int, nk: int, width: int) -> int:
-        return 2 * mm(nq, width, nk)  # q k^T and p v, summed over heads
-
-    flops = mm(L, cfg.lq_in_channels * 9, Hq) + mm(L, Hq * 9, Hq) * (1 + 2 * cfg.lq_num_res_blocks)
-    flops += n_feats * (mm(L, Hq, D) + mm(L, 2 * D, cfg.gate_width))  # heads + gates
-    flops += mm(L, cfg.in_channels * P, D) + mm(1, 256, D) + mm(1, D, D)  # s / t embedders
-    flops += mm(Lt, cfg.txt_embed_dim, D)  # y embedder
-    for i in range(cfg.patch_depth):
-        text_out = i < cfg.patch_depth - 1
-        flops += 2 * mm(1, D, 6 * D) + mm(L, D, 3 * D) + mm(Lt, D, 3 * D)
-        flops += attn(L + Lt if text_out else L, L + Lt, D)
-        flops += mm(L, D, D) + 3 * mm(L, D, FF)
-        if text_out:
-            flops += mm(Lt, D, D) + 3 * mm(Lt, D, FF)
-    flops += mm(L * P, cfg.in_channels, C)  # pixel embedder
-    per_pit = mm(L, D, 6 * C * P) + mm(L, P * C, A) + mm(L, A, 3 * A) + attn(L, L, A)
-    per_pit += mm(L, A, A) + mm(L, A, P * C) + mm(L * P, C, 4 * C) + mm(L * P, 4 * C, C)
-    flops += cfg.pixel_depth * per_pit
-    return flops + mm(L * P, C, cfg.in_channels)  # final layer
+    """Total FLOPs of one forward (see pid_batch.model.flops)."""
+    return flops.count_flops(cfg, H, W, txt_len).total
 
 
 def make_inputs(cfg: NetConfig, batch: int, H: int, W: int, device, seed: int = 0):

@@ -155,7 +155,8 @@ class Decoder:
             if self.device.type == "cuda":
                 self.autocast_dtype = torch.bfloat16
         elif dtype in ("bfloat16", "float16"):
-            weight_dtype = getattr(torch, dtype)
+            # Half-precision weights: the net's norms and RoPE expect autocast around them.
+            weight_dtype = self.autocast_dtype = getattr(torch, dtype)
         elif dtype != "float32":
             raise ValueError(f"dtype={dtype!r}; valid: auto, float32, bfloat16, float16")
         self.weight_dtype = weight_dtype

@@ -16,6 +16,7 @@ from typing import Any
 
 from pid_batch import storage
 from pid_batch.config import VARIANTS, NetConfig, resolve_checkpoint
+from pid_batch.model.flops import count_flops
 
 REFERENCE_HW = (2048, 2048)
 REFERENCE_STEPS = 4  # the released checkpoints are 4-step distilled students
@@ -68,21 +69,9 @@ def _net(variant: str) -> tuple[str, NetConfig]:
 def decode_flops(
     cfg: NetConfig, height: int, width: int, steps: int = REFERENCE_STEPS
 ) -> tuple[float, float]:
-    """(token-linear FLOPs, attention FLOPs) of one decode at height × width output pixels."""
-    p, d, a, c = cfg.patch_size, cfg.hidden_size, cfg.pixel_attn_hidden_size, cfg.pixel_hidden_size
-    if height <= 0 or width <= 0 or height % p or width % p:
-        raise ValueError(f"output size must be positive multiples of {p}, got {width}x{height}")
-    tokens, text = (height // p) * (width // p), cfg.txt_max_length
-    hq, n_lq = cfg.lq_hidden_dim, cfg.num_lq_outputs + int(cfg.pit_lq_inject)
-    block = 4 * d * d + 3 * d * cfg.swiglu_hidden  # qkv + proj + SwiGLU, per token
-    lq = 9 * cfg.lq_in_channels * hq + 9 * hq * hq * (1 + 2 * cfg.lq_num_res_blocks)
-    lq += n_lq * (hq * d + 2 * d * cfg.gate_width)  # output heads + gate projections
-    pix = c * p * p  # values per patch at the pixel level (4096)
-    pit = d * 6 * pix + 2 * pix * a + 4 * a * a + pix * 8 * c  # adaLN, compress/expand, attn, MLP
-    per_token = 3 * p * p * d + lq + cfg.patch_depth * block + cfg.pixel_depth * pit
-    linear = tokens * per_token + text * (cfg.txt_embed_dim * d + cfg.patch_depth * block)
-    attn = cfg.patch_depth * 2 * (tokens + text) ** 2 * d + cfg.pixel_depth * 2 * tokens**2 * a
-    return 2.0 * steps * linear, 2.0 * steps * attn  # 2 FLOPs per multiply-add
+    """(token-linear FLOPs, attention FLOPs) of one `steps`-step decode at height × width."""
+    f = count_flops(cfg, height, width, txt_len=cfg.txt_max_length)
+    return float(steps * f.linear), float(steps * f.attention)
 
 
 def time_scale(variant: str, height: int, width: int, steps: int = REFERENCE_STEPS) -> float:

@@ -10,6 +10,9 @@ from pathlib import Path
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# One torch thread per process: on a shared 2-core box, 2 OpenMP threads spin-wait under load
+# (a sampler test went from 0.7 s to 42 s). Ray workers inherit this too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 for _k, _v in {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",

@@ -71,9 +71,11 @@ def test_resolution_scaling_is_linear_plus_quadratic():
     cfg = VARIANTS["v1p5_sr4x_c16"]
     lin2, att2 = decode_flops(cfg, 2048, 2048)
     lin4, att4 = decode_flops(cfg, 4096, 4096)
-    # attention: 14 patch blocks over 16384 image + 300 text tokens, 2 PiT blocks over 16384
-    tokens = 128 * 128
-    expect = 2 * 4 * (14 * 2 * (tokens + 300) ** 2 * 1536 + 2 * 2 * tokens**2 * 1152)
+    # attention: 14 patch blocks over 16384 image + 300 text tokens (the last block's text
+    # queries are skipped: its text output is unused), 2 PiT blocks over 16384; 4 steps
+    tokens, joint = 128 * 128, 128 * 128 + 300
+    patch = 13 * 4 * joint**2 * 1536 + 4 * tokens * joint * 1536
+    expect = 4 * (patch + 2 * 4 * tokens**2 * 1152)
     assert att2 == expect
     assert 3.95 < lin4 / lin2 <= 4.0  # ∝ pixels, plus a fixed text-token share
     assert 15.5 < att4 / att2 < 16.0  # ∝ (tokens + 300 text tokens)²
