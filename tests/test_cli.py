@@ -1,0 +1,118 @@
+"""The `pid-batch` command line as a user meets it: a demo, then summary/report/inspect/plan."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pid_batch.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "pid_batch.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO,
+    )
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    r = cli("demo", "--output", str(out), "--num-cpus", "2", "--shards", "2", "--per-shard", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "RANDOM" in r.stderr  # says plainly that the weights are random
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_demo_writes_images_timing_and_summary(demo_out):
+    decoded = demo_out / "decoded"
+    assert len(list((decoded / "images").glob("*.jpg"))) == 4
+    assert list((decoded / "timing").rglob("*.parquet"))
+    summary = json.loads((decoded / "summary.json").read_text())
+    assert summary["ok"] == 4 and summary["error"] == 0
+
+
+@pytest.mark.timeout(300)
+def test_summary_report_inspect_on_demo_output(demo_out):
+    decoded = str(demo_out / "decoded")
+    r = cli("summary", decoded)
+    assert r.returncode == 0 and "samples 4  ok 4  error 0" in r.stdout
+    r = cli("summary", decoded, "--json")
+    assert json.loads(r.stdout)["ok"] == 4
+    r = cli("report", decoded)
+    assert r.returncode == 0, r.stderr[-2000:]
+    index = Path(r.stdout.strip())
+    assert index.name == "index.html" and "<img" in index.read_text()
+    r = cli("inspect", str(demo_out / "_demo_latents"), "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(r.stdout)
+    assert d["samples"] == 4 and d["shards_found"] == 2
+
+
+def test_plan_prints_answer_and_assumptions(capsys):
+    assert main(["plan", "1000", "2048x2048", "--gpus", "gb200=4"]) == 0
+    text = capsys.readouterr().out
+    assert "wall time" in text and "assumptions" in text
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["plan", "10", "2048by2048", "--gpus", "gb200=1"], "WIDTHxHEIGHT"),
+        (["inspect", "/nonexistent/latents"], "/nonexistent/latents"),
+        (["summary", "/nonexistent/out"], None),
+    ],
+)
+def test_errors_are_one_line_without_traceback(argv, message, capsys):
+    code = main(argv)
+    err = capsys.readouterr().err
+    if message is None:  # an empty output is a valid (empty) summary
+        assert code == 0
+        return
+    assert code == 2
+    assert err.startswith("pid-batch: error:") and message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_run_rejects_bad_spec_before_any_work(tmp_path, capsys):
+    spec = tmp_path / "job.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "input": str(tmp_path / "in"),
+                "output": str(tmp_path / "out"),
+                "model": {"backbone": "flux", "presett": "tiny"},
+            }
+        )
+    )
+    assert main(["run", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "presett" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_override_and_unknown_backbone(tmp_path, capsys):
+    spec = tmp_path / "job.yaml"
+    spec.write_text(yaml.safe_dump({"input": "in", "output": "out", "model": {"preset": "tiny"}}))
+    assert main(["run", str(spec), "--set", "model.backbone=flux3"]) == 2
+    assert "flux3" in capsys.readouterr().err
+
+
+def test_every_subcommand_has_help():
+    for sub in ("run", "submit", "demo", "summary", "report", "inspect", "plan"):
+        r = cli(sub, "--help", timeout=60)
+        assert r.returncode == 0 and "usage: pid-batch" in r.stdout
