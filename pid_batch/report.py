@@ -6,6 +6,7 @@ local disk or served from any static host (S3 included). No JavaScript, no exter
 
 from __future__ import annotations
 
+import functools
 import html
 import io
 import json
@@ -20,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from pid_batch import storage
+from pid_batch import codecs, storage
 from pid_batch.summary import error_reason, read_timing, summarize
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -81,13 +82,14 @@ def _pick_samples(out: str, table: pa.Table, max_images: int) -> list[_Sample]:
     rows: list[_Sample] = []
     if table.num_rows:
         ok = table.filter(pc.equal(table.column("status"), "ok"))
-        for r in ok.select(["id", "output", "decode_ms", "bytes"]).to_pylist():
+        for r in ok.select(["id", "output", "baseline_output", "decode_ms", "bytes"]).to_pylist():
             if r["output"]:
+                base = r["baseline_output"]
                 rows.append(
                     _Sample(
                         r["id"],
                         storage.join(out, r["output"]),
-                        baselines.get(r["id"]),
+                        storage.join(out, base) if base else baselines.get(r["id"]),
                         r["decode_ms"],
                         r["bytes"],
                     )
@@ -290,12 +292,25 @@ def _card(i: int, s: _Sample, pid: tuple, base: tuple | None) -> tuple[str, dict
     return f'<div class="card"><div class="pair">{"".join(figs)}</div></div>', files
 
 
+@functools.lru_cache(maxsize=4)
+def _tar_members(uri: str) -> dict[str, bytes]:
+    return codecs.read_tar(storage.read_bytes(uri))
+
+
+def _read_output(uri: str) -> bytes:
+    """An output's bytes: an object, or a member of a shard tar ('<...>.tar:<member>')."""
+    if ".tar:" in uri:
+        tar, member = uri.rsplit(".tar:", 1)
+        return _tar_members(tar + ".tar")[member]
+    return storage.read_bytes(uri)
+
+
 def _load(uri: str | None) -> tuple | str | None:
     """Thumbnail/crop of the image at uri, or a one-line reason it could not be read."""
     if uri is None:
         return None
     try:
-        return _thumb_and_crop(storage.read_bytes(uri))
+        return _thumb_and_crop(_read_output(uri))
     except Exception as e:  # a broken output should not stop the report
         return f"{uri}: {type(e).__name__}: {storage.redact(str(e))}"
 

@@ -277,6 +277,10 @@ def test_tar_layout_one_tar_per_shard_and_rerun(local_ray, tmp_path):
     assert list_images(out) == []  # no per-image objects in this layout
     table = read_timing(out)
     assert all(o.startswith("shards/") for o in table.column("output").to_pylist())
+    from pid_batch.report import write_report
+
+    page = storage.read_bytes(write_report(out)).decode()
+    assert page.count('alt="PiD s') == len(ids) and "Unreadable images" not in page
 
     # A crash after the tar but before its marker: the rerun re-merges nothing and marks it done.
     storage.delete(storage.join(out, "_done", "shard-001.safetensors.json"))
