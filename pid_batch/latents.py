@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pid_batch.config import ALIASES  # the one alias table of the project
+
 TRAINED_SIGMA_MAX = 0.8  # v1.5 students saw degrade_sigma ~ U[0, 0.8] (SPEC §6.1)
 FLUX2_BN_EPS = 1e-4  # AutoencoderKLFlux2 config `batch_norm_eps` (SPEC §6)
 RAE_SHIFT = math.sqrt(768 * 32 * 32 / 4096)  # DINOv2 RAE time shift, ≈ 13.856 (SPEC §6.1)
@@ -53,14 +55,6 @@ CONVENTIONS: dict[str, LatentConvention] = {
         LatentConvention("dinov2", 768, 16, "flow", 4, fixed_hw=(32, 32), tokens=1024),
         LatentConvention("siglip", 1152, 16, "flow", 8, fixed_hw=(16, 16), tokens=256),
     )
-}
-
-ALIASES: dict[str, str] = {
-    "zimage": "flux",
-    "zimage-turbo": "flux",
-    "flux2-klein-4b": "flux2",
-    "flux2-klein-9b": "flux2",
-    "qwenimage-2512": "qwenimage",
 }
 
 LATENT_FORMATS = ("pid", "diffusers")
