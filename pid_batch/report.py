@@ -13,7 +13,7 @@ import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -353,7 +353,7 @@ def write_report(out: str, dest: str | None = None, max_images: int = 24) -> str
         )
 
     reasons_html, failed_html = _errors_html(table)
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     sheet = f'<div class="sheet">{"".join(cards)}</div>' if cards else "<p>No images to show.</p>"
     if unreadable:
         sheet += "<p>Unreadable images:</p><ul>" + "".join(

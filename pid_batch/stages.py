@@ -639,7 +639,7 @@ def _str(v) -> str | None:
 def _ts(epoch_s: float):
     import datetime as dt
 
-    return dt.datetime.fromtimestamp(epoch_s, tz=dt.timezone.utc)
+    return dt.datetime.fromtimestamp(epoch_s, tz=dt.UTC)
 
 
 def _timing_row(batch: Batch, i: int, job: JobConfig) -> dict[str, Any]:

@@ -116,3 +116,27 @@ def test_every_subcommand_has_help():
     for sub in ("run", "submit", "demo", "summary", "report", "inspect", "plan"):
         r = cli(sub, "--help", timeout=60)
         assert r.returncode == 0 and "usage: pid-batch" in r.stdout
+
+
+def test_submit_validates_then_calls_ray_job_submit(tmp_path, monkeypatch):
+    """`submit` checks the spec locally, then hands this checkout to `ray job submit`."""
+    log = tmp_path / "ray-args.txt"
+    fake = tmp_path / "bin" / "ray"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$@" > {log}\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    spec = REPO / "jobs" / "examples" / "decode_latents.yaml"
+    assert main(["submit", str(spec), "--set", "model.compile=false", "--no-wait"]) == 0
+    args = log.read_text().split()
+    assert args[:4] == ["job", "submit", "--working-dir", str(REPO)]
+    assert args[args.index("--") + 1 :] == [
+        "python",
+        "jobs/decode_latents.py",
+        "jobs/examples/decode_latents.yaml",
+        "--set",
+        "model.compile=false",
+    ]
+    log.unlink()
+    assert main(["submit", str(spec), "--set", "model.backbone=nope"]) == 2
+    assert not log.exists()  # a bad spec never reaches the cluster
