@@ -9,7 +9,7 @@ import math
 import re
 import tarfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
@@ -37,7 +37,9 @@ class ShardError(ValueError):
 class ShardLimits:
     """Per-sample sanity limits; anything beyond is an error record, not an allocation."""
 
-    max_elements: int = 4096 * 4096
+    # 4 Mi elements (16 MiB as fp32): 5x the largest released latent (dinov2 768x32x32 = 0.79 Mi;
+    # flux at a 4096² output 16x128x128 = 0.26 Mi). Beyond it, a sample is an error row.
+    max_elements: int = 4 * 2**20
     max_channels: int = 4096
     max_caption_chars: int = (
         20_000  # longer captions are truncated (text encoders cut at 300 tokens)
@@ -293,19 +295,29 @@ def _shape_errors(shape: tuple[int, ...], limits: ShardLimits) -> list[str]:
     return []
 
 
+def _stem(name: str) -> str:
+    """A shard's file name without its suffix, key-safe: the prefix of ids it has to invent."""
+    return sanitize_id(
+        re.sub(r"(?i)\.(safetensors|parquet)$", "", name.rstrip("/").rsplit("/", 1)[-1])
+    )
+
+
+def _sample_id(raw: object, stem: str, index: int) -> str:
+    """The id a sample gets: its own, sanitised, or '<shard stem>-<index>' when it has none."""
+    return sanitize_id(raw) if isinstance(raw, str) else f"{stem}-{index:06d}"
+
+
 def _samples(
     name: str, cols: dict[str, list], latents: list[_Tensor | str], limits: ShardLimits
 ) -> list[LatentSample]:
     """LatentSamples from per-sample fields and [1, ...] latent views (or why a latent is bad)."""
-    stem = sanitize_id(
-        re.sub(r"(?i)\.(safetensors|parquet)$", "", name.rstrip("/").rsplit("/", 1)[-1])
-    )
+    stem = _stem(name)
     seen: dict[str, int] = {}
     out = []
     for i, src in enumerate(latents):
         f = {k: cols[k][i] for k in _FIELDS}
         errs = _field_errors(f, limits)
-        sid = sanitize_id(f["id"]) if isinstance(f["id"], str) else f"{stem}-{i:06d}"
+        sid = _sample_id(f["id"], stem, i)
         if sid in seen:
             errs.append(f"duplicate id {sid!r} (first at index {seen[sid]})")
         seen.setdefault(sid, i)
@@ -420,6 +432,54 @@ def _row_latent(raw: object, shape: object, dtype: object) -> _Tensor | str:
         got = len(raw) if isinstance(raw, bytes) else "no"
         return f"latent has {got} bytes, shape {shape} {dtype} needs {need}"
     return _Tensor(_PQ_DTYPES[dtype], (1, *shape), memoryview(raw))
+
+
+SAFETENSORS_PREFIX_BYTES = 8  # little-endian u64 header length, then the JSON header
+# safetensors' own reader refuses headers above 100 MB; ids + captions of a big shard fit.
+MAX_HEADER_BYTES = 100_000_000
+
+
+def safetensors_header_bytes(prefix: bytes, name: str = "<shard>") -> int:
+    """How many bytes (prefix included) hold a safetensors file's header, from its first 8."""
+    if len(prefix) < SAFETENSORS_PREFIX_BYTES:
+        raise ShardError(name, f"truncated: {len(prefix)} bytes, not a safetensors file")
+    n = int.from_bytes(prefix[:SAFETENSORS_PREFIX_BYTES], "little")
+    if not 2 <= n <= MAX_HEADER_BYTES:
+        raise ShardError(name, f"header length {n} is not in [2, {MAX_HEADER_BYTES}]")
+    return SAFETENSORS_PREFIX_BYTES + n
+
+
+def read_shard_ids(data: bytes, name: str) -> list[str]:
+    """Sample ids as read_shard assigns them, cheaply: a safetensors shard needs only its header
+    (see safetensors_header_bytes), a Parquet shard only its `id` column is decoded."""
+    stem = _stem(name)
+    if name.lower().endswith(".safetensors"):
+        end = safetensors_header_bytes(data, name)
+        if len(data) < end:
+            raise ShardError(name, f"truncated header: {len(data)} of {end} bytes")
+        try:
+            header = json.loads(bytes(data[SAFETENSORS_PREFIX_BYTES:end]))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ShardError(name, f"unreadable safetensors header ({e})") from None
+        shape = header.get("latents", {}).get("shape") if isinstance(header, dict) else None
+        meta = header.get("__metadata__") or {}
+        if not isinstance(shape, list) or not shape or not isinstance(meta, dict):
+            raise ShardError(name, "no 'latents' tensor or metadata in the header")
+        raw = _json_list(meta, "ids", int(shape[0]), name)
+    elif name.lower().endswith(".parquet"):
+        try:
+            pf = pq.ParquetFile(pa.BufferReader(data))
+            has_id = "id" in pf.schema_arrow.names
+            raw = (
+                pf.read(columns=["id"]).column("id").to_pylist()
+                if has_id
+                else [None] * pf.metadata.num_rows
+            )
+        except (pa.ArrowException, OSError) as e:
+            raise ShardError(name, f"unreadable Parquet ({e})") from None
+    else:
+        raise ShardError(name, f"unknown shard type; expected one of {SHARD_SUFFIXES}")
+    return [_sample_id(r, stem, i) for i, r in enumerate(raw)]
 
 
 def read_shard(data: bytes, name: str, limits: ShardLimits | None = None) -> list[LatentSample]:
@@ -562,7 +622,7 @@ def timing_table(rows: list[dict]) -> pa.Table:
         row = dict(row)
         for c in ("started_at", "finished_at"):
             if isinstance(row.get(c), (int, float, np.integer, np.floating)):
-                row[c] = datetime.fromtimestamp(float(row[c]), tz=timezone.utc)
+                row[c] = datetime.fromtimestamp(float(row[c]), tz=UTC)
         norm.append(row)
     table = pa.Table.from_pylist(norm, schema=TIMING_SCHEMA)
     validate_timing_table(table)

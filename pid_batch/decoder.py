@@ -30,6 +30,10 @@ _ACTIVATION_BYTES_PER_PIXEL = (13.0 - 2.8) * 2**30 / 2048**2
 # Headroom left for the allocator, the text encoder and fragmentation.
 _MEMORY_HEADROOM = 0.80
 _MAX_AUTO_MICRO_BATCH = 16
+# Largest output side a released checkpoint was trained or shown at (SPEC §7: 2kto4k buckets up
+# to 4096 px). A larger request is a mistake or an attempt to exhaust the decoder's memory; it is
+# refused for every preset (tiny included), before any allocation.
+MAX_OUTPUT_SIDE = 4096
 
 
 class SampleError(ValueError):
@@ -74,6 +78,12 @@ def validate_latent_shape(
     if h < 1 or w < 1:
         raise SampleError(sample_id, f"empty latent of shape {tuple(shape)}")
     height, width = spec.output_hw(h, w)
+    if max(height, width) > MAX_OUTPUT_SIDE:
+        raise SampleError(
+            sample_id,
+            f"output {height}x{width} exceeds {MAX_OUTPUT_SIDE} px per side "
+            f"(latent shape {tuple(shape)})",
+        )
     if height % cfg.patch_size or width % cfg.patch_size:
         raise SampleError(
             sample_id,

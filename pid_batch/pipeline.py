@@ -33,6 +33,9 @@ _FORWARDED_ENV = (
 )
 
 
+DECODE_TASK_RETRIES = 2
+
+
 class DecodeActor:
     """Ray actor: a thin adapter around stages.DecodeStage (loads once, maps batches)."""
 
@@ -93,6 +96,9 @@ def build_dataset(job: JobConfig, todo: list[dict[str, Any]]) -> ray.data.Datase
     # Let an autoscaling actor pool grow on small nodes (per-operator reservations otherwise
     # hold back the resources it would grow into; measured on a 2-core box).
     ctx.op_resource_reservation_enabled = False
+    # A block that fails after its retries must not abort the whole job: run() turns the
+    # samples it carried into error rows (stages.record_lost).
+    ctx.max_errored_blocks = -1
     # One block per shard: small shard files otherwise get packed into a few blocks and most
     # actors idle (measured: 64-128 small shards landed in 2-6 blocks).
     ds = ray.data.from_items(todo, override_num_blocks=max(1, len(todo)))
@@ -118,6 +124,11 @@ def build_dataset(job: JobConfig, todo: list[dict[str, Any]]) -> ray.data.Datase
         num_gpus=res.gpus_per_actor,
         num_cpus=res.cpus_per_actor,
         resources={f"accel_{res.accelerator}": 1} if res.accelerator else None,
+        # Ray Data's default max_task_retries=-1 retries a batch whose actor died forever, so
+        # one sample that kills the decoder (segfault, OOM kill) hangs the job. Actors still
+        # restart without limit (preemption, node loss); a batch gets 2 more tries, then the
+        # run fails with ActorUnavailableError. (No named parameter for it in Ray 2.60.)
+        max_task_retries=DECODE_TASK_RETRIES,
     )
     ds = ds.map_batches(
         stages.encode_write,
@@ -126,6 +137,23 @@ def build_dataset(job: JobConfig, todo: list[dict[str, Any]]) -> ray.data.Datase
         num_cpus=res.encode_cpus,
     )
     return ds
+
+
+def find_duplicate_ids(job: JobConfig) -> dict[str, tuple[list[int], list[str]]]:
+    """Ids that occur in more than one shard (done shards included): every occurrence after the
+    first becomes an error row. Reads only ids (safetensors headers), one task per 16 shards;
+    the driver holds one Arrow row per sample (~30 B): fine to ~1e8 samples."""
+    import pyarrow as pa
+
+    uris = storage.list_files(job.input, suffixes=(".safetensors", ".parquet"))
+    if len(uris) < 2:
+        return {}  # repeats inside one shard are already error rows
+    keys = [stages.shard_key(job.input, u) for u in uris]
+    items = [{"order": i, "shard": u} for i, u in enumerate(uris)]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 16, 1024)))
+    ds = ds.map_batches(stages.list_ids, batch_size=16, num_cpus=0.25)
+    tables = [b for b in ds.iter_batches(batch_size=None, batch_format="pyarrow") if b.num_rows]
+    return stages.duplicate_reasons(pa.concat_tables(tables), keys) if tables else {}
 
 
 def ensure_ray(job: JobConfig, **init_kwargs: Any) -> None:
@@ -152,10 +180,16 @@ def run(job: JobConfig, *, log: TextIO | None = sys.stderr, **init_kwargs: Any) 
     todo, skipped = stages.plan_shards(job)
     ensure_ray(job, **init_kwargs)
     result = RunResult(summary={}, shards_skipped=skipped)
+    if todo and job.input_kind != "images":
+        dups = find_duplicate_ids(job)
+        for t in todo:
+            t["dup_index"], t["dup_reason"] = dups.get(t["key"], ([], []))
     if todo:
         ds = build_dataset(job, todo)
         progress = _Progress(log, shards=len(todo))
         seen: dict[str, int] = defaultdict(int)
+        seen_ids: dict[str, set[str]] = defaultdict(set)  # shards still open only
+        finished: set[str] = set()
         failed: dict[str, int] = defaultdict(int)
         finish = ray.remote(num_cpus=0.5, max_retries=3)(stages.finish_shard)
         finishing = []
@@ -164,6 +198,7 @@ def run(job: JobConfig, *, log: TextIO | None = sys.stderr, **init_kwargs: Any) 
                 batch["id"], batch["shard"], batch["shard_pending"], batch["status"]
             ):
                 seen[key] += 1
+                seen_ids[key].add(str(sid))
                 result.processed += 1
                 if status != "ok":
                     failed[key] += 1
@@ -171,8 +206,19 @@ def run(job: JobConfig, *, log: TextIO | None = sys.stderr, **init_kwargs: Any) 
                     result.error_ids.append(str(sid))
                 if seen[key] == int(pending):
                     result.shards_done += 1
+                    finished.add(key)
+                    seen_ids.pop(key, None)
                     finishing.append(finish.remote(job, key, not failed[key]))
             progress.update(result)
+        # Batches that failed for good (e.g. a sample that kills the decoder on every retry)
+        # were skipped by Ray Data; their samples become error rows instead of vanishing.
+        for item in todo:
+            if item["key"] not in finished:
+                lost = stages.record_lost(job, item, seen_ids.get(item["key"], set()))
+                result.processed += len(lost)
+                result.errors += len(lost)
+                result.error_ids += lost
+                finishing.append(finish.remote(job, item["key"], False))
         ray.get(
             finishing
         )  # tar merges and done markers: off the driver, awaited before the summary

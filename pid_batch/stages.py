@@ -109,8 +109,14 @@ def read_shard(batch: Batch, job: JobConfig) -> Batch:
     cfg = net_config_for(spec, job.model.preset)
     trained_sizes_only = job.model.preset == "full"
     rows = _empty_rows()
-    for uri, key, done in zip(batch["shard"], batch["key"], batch["done_ids"]):
+    n = len(batch["shard"])
+    dup_index = batch.get("dup_index", [None] * n)
+    dup_reason = batch.get("dup_reason", [None] * n)
+    for uri, key, done, d_index, d_reason in zip(
+        batch["shard"], batch["key"], batch["done_ids"], dup_index, dup_reason
+    ):
         done = set(done) if done is not None else set()
+        dups = dict(zip(d_index, d_reason)) if d_index is not None else {}
         t0 = time.perf_counter()
         try:
             samples = codecs.read_shard(storage.read_bytes(uri), uri)
@@ -128,7 +134,9 @@ def read_shard(batch: Batch, job: JobConfig) -> Batch:
             _finish_shard(rows, 1)
             continue
         read_ms = (time.perf_counter() - t0) * 1000 / max(1, len(samples))
-        pending = [s for s in samples if s.id not in done]
+        # Bad samples are re-emitted every run (no decode): their error rows stay current and
+        # the shard never gets a done marker while one of its samples is wrong.
+        pending = [s for s in samples if s.id not in done or s.error or s.index in dups]
         if not pending:
             storage.write_json_atomic(
                 marker_uri(job.output, key),
@@ -137,8 +145,8 @@ def read_shard(batch: Batch, job: JobConfig) -> Batch:
             continue
         n0 = len(rows["id"])
         for s in pending:
-            if s.error:
-                _add(rows, key, s.id, s.index, "error", s.error, spec)
+            if s.error or s.index in dups:
+                _add(rows, key, s.id, s.index, "error", s.error or dups[s.index], spec)
             else:
                 try:
                     backbone = s.backbone or spec.backbone
@@ -677,6 +685,111 @@ def _timing_row(batch: Batch, i: int, job: JobConfig) -> dict[str, Any]:
         "vae_encode_ms": float(get("vae_encode_ms", 0.0)),
         "baseline_ms": float(get("baseline_ms", 0.0)) or None,
     }
+
+
+def shard_ids(uri: str) -> list[str]:
+    """A shard's sample ids without its latents: a safetensors header, a Parquet id column."""
+    if uri.lower().endswith(".safetensors"):
+        head = storage.read_range(uri, 0, codecs.SAFETENSORS_PREFIX_BYTES)
+        end = codecs.safetensors_header_bytes(head, uri)
+        return codecs.read_shard_ids(
+            head + storage.read_range(uri, len(head), end - len(head)), uri
+        )
+    return codecs.read_shard_ids(storage.read_bytes(uri), uri)
+
+
+def list_ids(batch: Batch) -> Batch:
+    """Shard rows (order, shard URI) → one (order, index, id) row per sample; unreadable shards
+    give none (they become one error row when read)."""
+    order, index, ids = [], [], []
+    for o, uri in zip(batch["order"], batch["shard"]):
+        try:
+            found = shard_ids(str(uri))
+        except Exception:
+            continue
+        order += [int(o)] * len(found)
+        index += range(len(found))
+        ids += found
+    return {
+        "order": np.asarray(order, np.int32),
+        "index": np.asarray(index, np.int32),
+        "id": _objects(ids),
+    }
+
+
+def duplicate_reasons(table, keys: list[str]) -> dict[str, tuple[list[int], list[str]]]:
+    """shard key → (indices, reasons) of each id's occurrences after its first in another shard.
+
+    `table` has columns order (position in `keys`), index, id. First = lowest (order, index), so
+    every run picks the same winner. Repeats inside one shard are codecs' to report.
+    """
+    import pyarrow.compute as pc
+
+    if table.num_rows == 0:
+        return {}
+    counts = table.group_by("id").aggregate([("id", "count")])
+    repeated = counts.filter(pc.greater(counts.column("id_count"), 1)).column("id")
+    if len(repeated) == 0:
+        return {}
+    t = table.filter(pc.is_in(table.column("id"), value_set=repeated))
+    t = t.sort_by([("order", "ascending"), ("index", "ascending")])
+    first: dict[str, tuple[int, int]] = {}
+    out: dict[str, tuple[list[int], list[str]]] = defaultdict(lambda: ([], []))
+    cols = (
+        t.column("id").to_pylist(),
+        t.column("order").to_pylist(),
+        t.column("index").to_pylist(),
+    )
+    for sid, o, i in zip(*cols):
+        fo, fi = first.setdefault(sid, (o, i))
+        if fo != o:
+            out[keys[o]][0].append(i)
+            out[keys[o]][1].append(f"duplicate id {sid!r}: first in shard {keys[fo]}[{fi}]")
+    return dict(out)
+
+
+LOST_REASON = (
+    "lost in the pipeline: the stage that held this sample failed after its retries "
+    "(e.g. a sample that kills the decoder on every try); rerun to retry it"
+)
+
+
+def record_lost(job: JobConfig, item: dict[str, Any], seen: set[str]) -> list[str]:
+    """Error rows for a shard's samples that never came back this run; returns their ids."""
+    if job.input_kind == "images":
+        found = [(image_sample_id(job.input, u), i) for i, u in enumerate(item["files"])]
+    else:
+        try:
+            found = [(sid, i) for i, sid in enumerate(shard_ids(item["shard"]))]
+        except Exception:  # unreadable: one row stands for the shard, as in read_shard
+            found = [(item["key"], -1)]
+    done = set(item.get("done_ids") or ())
+    lost = [(sid, i) for sid, i in found if sid not in done and sid not in seen]
+    if lost:
+        now = time.time()
+        rows = [
+            {
+                "id": sid,
+                "shard": item["key"],
+                "index": i,
+                "status": "error",
+                "error": LOST_REASON,
+                "backbone": job.model.spec.backbone,
+                "variant": job.model.variant_label,
+                "checkpoint": job.model.spec.experiment,
+                "steps": job.sampling.steps,
+                "started_at": now,
+                "finished_at": now,
+            }
+            for sid, i in lost
+        ]
+        buf = io.BytesIO()
+        pq.write_table(codecs.timing_table(rows), buf)
+        name = f"part-lost-{uuid.uuid4().hex[:12]}.parquet"
+        storage.write_bytes_atomic(
+            storage.join(timing_dir(job.output, item["key"]), name), buf.getvalue()
+        )
+    return [sid for sid, _ in lost]
 
 
 def done_ids(out: str, key: str) -> list[str]:

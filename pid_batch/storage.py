@@ -179,6 +179,10 @@ def _s3_filesystem(scheme: str, endpoint: str | None, region: str | None) -> paf
                 connect_timeout=S3_CONNECT_TIMEOUT_S,
                 request_timeout=S3_REQUEST_TIMEOUT_S,
                 retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+                # Small objects (images, timing parts, markers) go up as one PutObject instead of
+                # create + part + complete multipart requests: 1 request, not 3 (measured through
+                # tests/faults.py's proxy, pyarrow 26); still all-or-nothing.
+                allow_delayed_open=True,
             )
             fs._pid_batch_spec = key
             _FS_CACHE[key] = fs
@@ -296,6 +300,19 @@ def read_bytes(uri: str) -> bytes:
     return retry(_read, what=f"read {uri}")
 
 
+def read_range(uri: str, offset: int, length: int) -> bytes:
+    """`length` bytes from `offset` (fewer past the end), retried; a ranged GET on S3."""
+    if offset < 0 or length < 0:
+        raise ValueError(f"offset and length must be >= 0, got {offset}, {length}")
+    fs, path = resolve(uri)
+
+    def _read() -> bytes:
+        with fs.open_input_file(path) as f:
+            return f.read_at(length, offset)
+
+    return retry(_read, what=f"read {uri}")
+
+
 def _fsync_dir(path: str) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -323,6 +340,30 @@ def _write_local_atomic(path: str, data: bytes | memoryview) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(parent)
+
+
+_TEMP_NAME = re.compile(r"^\..+\.tmp-\d+-[0-9a-f]{8}$")
+
+
+def remove_stale_temps(uri: str, older_than_s: float = 3600.0) -> int:
+    """Delete temp files that killed writers left under a local prefix; how many went.
+
+    Only names `_write_local_atomic` creates ('.<name>.tmp-<pid>-<hex>') older than
+    `older_than_s` are touched (a live writer's temp file is younger). S3 has none: an object
+    appears whole or not at all (abort incomplete multipart uploads with a lifecycle rule).
+    """
+    kind, path = _split(uri)
+    if kind == "s3" or not os.path.isdir(path):
+        return 0
+    cutoff, n = time.time() - older_than_s, 0
+    for parent, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(parent, name)
+            with contextlib.suppress(FileNotFoundError):
+                if _TEMP_NAME.match(name) and os.lstat(full).st_mtime < cutoff:
+                    os.unlink(full)
+                    n += 1
+    return n
 
 
 def write_bytes_atomic(uri: str, data: bytes | memoryview) -> None:

@@ -45,16 +45,20 @@ def read_timing(out: str) -> pa.Table:
 
 
 def latest_per_id(table: pa.Table) -> pa.Table:
-    """Keep one row per id: an ok row over an error row, then the most recently finished."""
+    """Keep one row per sample (shard, index): an ok row over an error row, then the latest.
+
+    Keyed by position, not id: a repeated id (within or across shards) is a sample of its own
+    whose error row must be counted, not folded into the first occurrence's ok row.
+    """
     if table.num_rows == 0:
         return table
     ok = pc.equal(table.column("status"), "ok").to_numpy(zero_copy_only=False).astype(np.int8)
     fin = table.column("finished_at").cast(pa.int64()).to_numpy(zero_copy_only=False)
-    ids = table.column("id").to_pylist()
-    order = np.lexsort((fin, ok))  # ascending: the best row of each id comes last
-    best: dict[str, int] = {}
+    keys = list(zip(table.column("shard").to_pylist(), table.column("index").to_pylist()))
+    order = np.lexsort((fin, ok))  # ascending: the best row of each sample comes last
+    best: dict[tuple[str, int], int] = {}
     for i in order:
-        best[ids[i]] = int(i)
+        best[keys[i]] = int(i)
     keep = np.array(sorted(best.values()), dtype=np.int64)
     return table.take(pa.array(keep))
 
