@@ -1,0 +1,83 @@
+"""A stand-in decoder that sleeps a measured latency per image: the pipeline at scale without GPUs.
+
+`SleepDecoder` has the interface `stages.DecodeStage` uses of `decoder.Decoder`; it validates the
+same latent shapes, sleeps `latency_ms` per image (one device "busy" without using a CPU core) and
+returns a constant image of the output size. Select it with `model.fake_latency_ms` in a job.
+The default 211 ms/image is the per-image device time benchmarks/sim_scale.py simulates; pass a
+figure measured on your accelerator (benchmarks/decode_bench.py) instead.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from pid_batch.config import CheckpointSpec
+from pid_batch.decoder import DecodeOutput, net_config_for, validate_latent_shape
+
+DEFAULT_LATENCY_MS = 211.0
+_FILL = 127  # mid-grey: a constant image compresses to almost nothing in every format
+
+
+class SleepDecoder:
+    """Decoder stand-in: same inputs and outputs as `Decoder.decode`, time spent in sleep()."""
+
+    accelerator = "fake"
+
+    def __init__(
+        self,
+        spec: CheckpointSpec,
+        preset: str = "full",
+        latency_ms: float = DEFAULT_LATENCY_MS,
+        micro_batch: int = 1,
+    ):
+        if latency_ms < 0:
+            raise ValueError(f"latency_ms={latency_ms!r} must be >= 0")
+        if micro_batch < 1:
+            raise ValueError(f"micro_batch={micro_batch!r} must be >= 1")
+        self.spec = spec
+        self.preset = preset
+        self.cfg = net_config_for(spec, preset)
+        self.latency_ms = float(latency_ms)
+        self.micro_batch = micro_batch
+        self.device = torch.device("cpu")
+        self.text_encoder = None
+        self.load_s = 0.0
+
+    def micro_batch_for(self, height: int, width: int) -> int:
+        """The configured micro-batch (the sleep is per image, so it only labels rows)."""
+        return self.micro_batch
+
+    def decode(
+        self,
+        latents: Sequence[np.ndarray],
+        sigmas: Sequence[float],
+        seeds: Sequence[int],
+        captions: Sequence[str] | None = None,
+        caption_embs: torch.Tensor | None = None,
+        ids: Sequence[str] | None = None,
+    ) -> DecodeOutput:
+        """Sleep latency_ms × len(latents); return constant [B, H, W, 3] uint8 images."""
+        n = len(latents)
+        if not (len(sigmas) == len(seeds) == n):
+            raise ValueError(f"got {n} latents, {len(sigmas)} sigmas and {len(seeds)} seeds")
+        if n == 0:
+            raise ValueError("decode() needs at least one latent")
+        ids = list(ids) if ids is not None else [str(i) for i in range(n)]
+        shapes = {tuple(lat.shape) for lat in latents}
+        if len(shapes) != 1:
+            raise ValueError(f"decode() needs latents of one shape (bucket them); got {shapes}")
+        height, width = validate_latent_shape(
+            self.spec, self.cfg, next(iter(shapes)), ids[0], self.preset == "full"
+        )
+        t0 = time.perf_counter()
+        time.sleep(self.latency_ms * n / 1000)
+        images = np.full((n, height, width, 3), _FILL, np.uint8)
+        per = (time.perf_counter() - t0) * 1000 / n
+        return DecodeOutput(images, [0.0] * n, [per] * n, 0.0, self.micro_batch_for(height, width))
+
+
+__all__ = ["DEFAULT_LATENCY_MS", "SleepDecoder"]
