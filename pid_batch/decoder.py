@@ -189,6 +189,8 @@ class Decoder:
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.net.parameters())
         self.text_encoder = text_encoder
         self.compile = compile
+        if compile:  # one dynamo frame per (H, W, batch) bucket; the default limit (8) is small
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._compiled: dict[tuple[int, int, int], Callable] = {}
         self.accelerator = accelerator_name(self.device)
 
@@ -290,7 +292,10 @@ class Decoder:
             enabled=self.autocast_dtype is not None,
         ):
             if fresh:  # first call of a compiled bucket: trigger compilation, time it apart
-                net(noise, torch.full((len(seeds),), 999.0, device=self.device), embs, lq, sigma)
+                # t laid out as sampling.sample passes it ((t * timescale).expand(B), stride 0):
+                # a contiguous t fails dynamo's stride guard and the bucket would compile twice.
+                t_warm = torch.tensor(999.0, device=self.device).expand(len(seeds))
+                net(noise, t_warm, embs, lq, sigma)
                 compile_ms = (time.perf_counter() - t0) * 1000
             else:
                 compile_ms = 0.0

@@ -144,8 +144,11 @@ class ResourceConfig:
     cpus_per_actor: float = 1.0
     batch_size: int = 16  # rows per actor call; the actor splits them into micro-batches
     micro_batch: int = 0
-    encode_cpus: float = 1.0
-    encode_batch_size: int = 4
+    # Encode tasks mostly wait on writes (fsync / PUT): two per core; 16 rows per task keeps Ray
+    # task and timing-part overheads low (benchmarks/README.md §2) while a 2048² batch stays
+    # ~200 MB of raw images.
+    encode_cpus: float = 0.5
+    encode_batch_size: int = 16
     # Pin decode actors to one accelerator class of cluster.yaml (custom resource accel_<name>).
     accelerator: str | None = None
 

@@ -102,7 +102,11 @@ def test_compile_once_per_bucket():
     lat = latents(3)
     first = d.decode(lat, sigmas=[0, 0, 0], seeds=[1, 2, 3])
     assert first.compile_ms > 0 and len(d._compiled) == 1  # last micro-batch padded to 2
+    import torch._dynamo.utils as dynamo_utils
+
+    frames = dynamo_utils.counters["stats"]["unique_graphs"]
     again = d.decode(lat[:1], sigmas=[0], seeds=[1])
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == frames  # no recompile on reuse
     assert again.compile_ms == 0 and len(d._compiled) == 1
     eager = make_decoder(micro_batch=2).decode(lat, sigmas=[0, 0, 0], seeds=[1, 2, 3])
     assert np.abs(first.images.astype(int) - eager.images.astype(int)).max() <= 2
