@@ -98,6 +98,29 @@ def validate_latent_shape(
     return height, width
 
 
+def check_batch(
+    spec: CheckpointSpec,
+    cfg: NetConfig,
+    preset: str,
+    latents: Sequence,
+    sigmas: Sequence[float],
+    seeds: Sequence[int],
+    ids: Sequence[str] | None,
+) -> tuple[list[str], int, int]:
+    """Validate one decode call's arguments; return (ids, H, W) of its single shape bucket."""
+    n = len(latents)
+    if not (len(sigmas) == len(seeds) == n):
+        raise ValueError(f"got {n} latents, {len(sigmas)} sigmas and {len(seeds)} seeds")
+    if n == 0:
+        raise ValueError("decode() needs at least one latent")
+    ids = list(ids) if ids is not None else [str(i) for i in range(n)]
+    shapes = {tuple(lat.shape) for lat in latents}
+    if len(shapes) != 1:
+        raise ValueError(f"decode() needs latents of one shape (bucket them); got {shapes}")
+    height, width = validate_latent_shape(spec, cfg, next(iter(shapes)), ids[0], preset == "full")
+    return ids, height, width
+
+
 def pick_device(device: str | torch.device | None = None) -> torch.device:
     """CUDA when present, else CPU (or what the caller names)."""
     if device is not None:
@@ -214,16 +237,8 @@ class Decoder:
     ) -> DecodeOutput:
         """Decode same-shape PiD latents [C, h, w] to images; one noise stream per seed."""
         n = len(latents)
-        if not (len(sigmas) == len(seeds) == n):
-            raise ValueError(f"got {n} latents, {len(sigmas)} sigmas and {len(seeds)} seeds")
-        if n == 0:
-            raise ValueError("decode() needs at least one latent")
-        ids = list(ids) if ids is not None else [str(i) for i in range(n)]
-        shapes = {tuple(lat.shape) for lat in latents}
-        if len(shapes) != 1:
-            raise ValueError(f"decode() needs latents of one shape (bucket them); got {shapes}")
-        height, width = validate_latent_shape(
-            self.spec, self.cfg, next(iter(shapes)), ids[0], self.preset == "full"
+        ids, height, width = check_batch(
+            self.spec, self.cfg, self.preset, latents, sigmas, seeds, ids
         )
 
         t0 = time.perf_counter()

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pid_batch.config import CheckpointSpec
-from pid_batch.decoder import DecodeOutput, net_config_for, validate_latent_shape
+from pid_batch.decoder import DecodeOutput, check_batch, net_config_for
 
 DEFAULT_LATENCY_MS = 211.0
 _FILL = 127  # mid-grey: a constant image compresses to almost nothing in every format
@@ -62,16 +62,8 @@ class SleepDecoder:
     ) -> DecodeOutput:
         """Sleep latency_ms × len(latents); return constant [B, H, W, 3] uint8 images."""
         n = len(latents)
-        if not (len(sigmas) == len(seeds) == n):
-            raise ValueError(f"got {n} latents, {len(sigmas)} sigmas and {len(seeds)} seeds")
-        if n == 0:
-            raise ValueError("decode() needs at least one latent")
-        ids = list(ids) if ids is not None else [str(i) for i in range(n)]
-        shapes = {tuple(lat.shape) for lat in latents}
-        if len(shapes) != 1:
-            raise ValueError(f"decode() needs latents of one shape (bucket them); got {shapes}")
-        height, width = validate_latent_shape(
-            self.spec, self.cfg, next(iter(shapes)), ids[0], self.preset == "full"
+        _, height, width = check_batch(
+            self.spec, self.cfg, self.preset, latents, sigmas, seeds, ids
         )
         t0 = time.perf_counter()
         time.sleep(self.latency_ms * n / 1000)
