@@ -289,3 +289,26 @@ def test_tar_layout_one_tar_per_shard_and_rerun(local_ray, tmp_path):
     assert again.processed == 0
     assert storage.exists(storage.join(out, "_done", "shard-001.safetensors.json"))
     assert {t: storage.read_bytes(t) for t in tars} == before
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="known gap (issue 3): on a local 2-CPU Ray the pool stays at 1 actor under a 40-batch "
+    "backlog; Ray Data 2.60's backlog-aware autoscaler (util threshold 1.75) and the downstream "
+    "capacity backpressure on the encode stage keep tasks in flight below the threshold",
+)
+def test_actor_pool_grows_under_load(local_ray, tmp_path):
+    """min_actors=1, max_actors=2: with a queue of batches the pool starts its second actor."""
+    inp, out = str(tmp_path / "in"), str(tmp_path / "out")
+    ids = write_shards(inp, shards=4, per_shard=10)
+    job = JobConfig(
+        input=inp,
+        output=out,
+        model=ModelConfig(backbone="flux", ckpt_type="2k", preset="tiny", fake_latency_ms=300),
+        images=OutputConfig(image_format="jpeg"),
+        resources=ResourceConfig(batch_size=1, min_actors=1, max_actors=2, cpus_per_actor=0.25),
+    )
+    result = pipeline.run(job, log=None)
+    assert result.exit_code == 0 and result.processed == len(ids)
+    actors = set(read_timing(out).column("actor").to_pylist())
+    assert len(actors) == 2, actors
