@@ -19,7 +19,8 @@ Inputs hold two resolution buckets (latent 2×2 and 3×3 → 64² and 96²) over
 every actor meets each bucket several times: the probe (a subclass of pipeline.DecodeActor that
 wraps `decoder.decode`) logs compile_ms and torch._dynamo's compiled-frame counter per call, and
 the script checks that dynamo compiled exactly one frame per (actor, bucket) and none after the
-bucket's first call. `--fix-warmup` applies the proposed decoder.py warm-up fix in the actor.
+bucket's first call. `--fix-warmup` applies the decoder.py warm-up fix in the actor (a no-op
+once decoder.py has it, as it does since commit d0a2f3d).
 
     python benchmarks/cold_start.py [--configs eager,compile-cold,compile-warm] [--actors 1]
         [--storage local|s3] [--json out.json]
@@ -115,8 +116,8 @@ def _fix_warmup(dec) -> None:
 
     src = textwrap.dedent(inspect.getsource(D.Decoder._decode_micro))
     old = "torch.full((len(seeds),), 999.0, device=self.device)"
-    if old not in src:
-        raise RuntimeError("decoder.py changed: the warm-up line to patch is gone")
+    if old not in src:  # decoder.py already carries the fix (commit d0a2f3d)
+        return
     src = src.replace(old, "torch.tensor(999.0, device=self.device).expand(len(seeds))")
     ns: dict = {}
     exec(compile(src, D.__file__, "exec"), D.__dict__, ns)

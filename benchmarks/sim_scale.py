@@ -81,9 +81,10 @@ class _Probe:
 # -- variants -----------------------------------------------------------------------------------
 # A variant is tokens joined by "+": base (pipeline as is) | enc<N> (encode_batch_size N) |
 # ecpu<X> (encode_cpus X) | bs<N> (actor batch_size N) | read<X> (read tasks at X CPUs; the
-# pipeline hard-codes 1) | light (a torch-free copy of the fake decode actor, to measure what
+# pipeline hard-codes it) | light (a torch-free copy of the fake decode actor, to measure what
 # importing torch in every actor costs at start-up) | pwrite (encode_write with its object
-# writes on 8 threads; timing part still written after them). read/light/pwrite copy the graph.
+# writes on 8 threads; timing part still written after them). read/light/pwrite rewrite the
+# matching map_batches calls of pipeline.build_dataset while it builds the graph.
 
 
 def _variant(name: str) -> tuple[dict[str, Any], Any]:
@@ -107,7 +108,7 @@ def _variant(name: str) -> tuple[dict[str, Any], Any]:
             pwrite = True
         else:
             raise ValueError(f"unknown variant token {tok!r} in {name!r}")
-    patch = _graph_copy(read_cpus or 1.0, light, pwrite) if (read_cpus or light or pwrite) else None
+    patch = _graph_copy(read_cpus, light, pwrite) if (read_cpus or light or pwrite) else None
     return res, patch
 
 
@@ -206,45 +207,39 @@ def _encode_write_pwrite(batch, job):
             f.result()
 
 
-def _graph_copy(read_cpus: float, light: bool, pwrite: bool = False):
-    """A copy of pipeline.build_dataset with the read stage's CPUs and/or the actor class swapped."""
+def _graph_copy(read_cpus: float | None, light: bool, pwrite: bool = False):
+    """pipeline.build_dataset as it is, with some of its map_batches calls rewritten.
+
+    Wraps Dataset.map_batches while the graph is built, so the variant follows the pipeline's
+    current graph: the read stage's num_cpus, the decode actor class, the encode function.
+    """
 
     def patch(pipeline, probe_dir: str):
         import ray
 
         from pid_batch import stages
 
-        actor_cls = pipeline.DecodeActor
-        if light:
-            actor_cls = type("LightSleepActor", (_LightSleepActor,), {"probe_dir": probe_dir})
+        real_build = pipeline.build_dataset
+        light_cls = type("LightSleepActor", (_LightSleepActor,), {"probe_dir": probe_dir})
+        reads = {getattr(stages, n) for n in ("read_shard", "read_images") if hasattr(stages, n)}
 
         def build_dataset(job, todo):
-            res = job.resources
-            ctx = ray.data.DataContext.get_current()
-            ctx.op_resource_reservation_enabled = False
-            items = [
-                {"shard": t["shard"], "key": t["key"], "done_ids": t["done_ids"]} for t in todo
-            ]
-            ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-            ds = ds.map_batches(
-                stages.read_shard, batch_size=1, fn_kwargs={"job": job}, num_cpus=read_cpus
-            )
-            ds = ds.map_batches(
-                actor_cls,
-                batch_size=res.batch_size,
-                compute=ray.data.ActorPoolStrategy(
-                    min_size=res.min_actors, max_size=res.max_actors
-                ),
-                fn_constructor_kwargs={"job": job},
-                num_gpus=res.gpus_per_actor,
-                num_cpus=res.cpus_per_actor,
-            )
-            return ds.map_batches(
-                _encode_write_pwrite if pwrite else stages.encode_write,
-                batch_size=res.encode_batch_size,
-                fn_kwargs={"job": job},
-                num_cpus=res.encode_cpus,
-            )
+            real_map = ray.data.Dataset.map_batches
+
+            def map_batches(self, fn, *args, **kwargs):
+                if fn in reads and read_cpus is not None:
+                    kwargs["num_cpus"] = read_cpus
+                elif fn is pipeline.DecodeActor and light:
+                    fn = light_cls
+                elif fn is stages.encode_write and pwrite:
+                    fn = _encode_write_pwrite
+                return real_map(self, fn, *args, **kwargs)
+
+            ray.data.Dataset.map_batches = map_batches
+            try:
+                return real_build(job, todo)
+            finally:
+                ray.data.Dataset.map_batches = real_map
 
         return build_dataset
 
@@ -276,8 +271,14 @@ def run_once(
         "max_actors": n_actors,
         "cpus_per_actor": args.cpus_per_actor,
         "batch_size": args.batch_size,
-        "encode_cpus": args.encode_cpus,
-        "encode_batch_size": args.encode_batch_size,
+        **{
+            k: v
+            for k, v in (
+                ("encode_cpus", args.encode_cpus),
+                ("encode_batch_size", args.encode_batch_size),
+            )
+            if v is not None
+        },
         **res_kw,
     }
     job = JobConfig(
@@ -412,8 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard-size", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--cpus-per-actor", type=float, default=0.05)
-    ap.add_argument("--encode-cpus", type=float, default=1.0)
-    ap.add_argument("--encode-batch-size", type=int, default=4)
+    ap.add_argument("--encode-cpus", type=float, help="default: ResourceConfig's")
+    ap.add_argument("--encode-batch-size", type=int, help="default: ResourceConfig's")
     ap.add_argument("--storage", choices=("local", "s3"), default="local")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--json")

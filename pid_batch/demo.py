@@ -53,5 +53,5 @@ def demo_job(output: str, input_uri: str | None = None) -> JobConfig:
         model=ModelConfig(backbone="flux", ckpt_type="2k", preset="tiny"),
         sampling=SamplingConfig(steps=4, seed=0),
         images=OutputConfig(layout="files", image_format="jpeg"),
-        resources=ResourceConfig(min_actors=1, max_actors=1, batch_size=4),
+        resources=ResourceConfig(min_actors=1, max_actors=1, batch_size=4, encode_batch_size=4),
     )
