@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
 # Bind a local Ray to 127.0.0.1 only; must precede `import ray` (otherwise it listens on all interfaces).
@@ -96,6 +96,19 @@ def build_dataset(job: JobConfig, todo: list[dict[str, Any]]) -> ray.data.Datase
     # Let an autoscaling actor pool grow on small nodes (per-operator reservations otherwise
     # hold back the resources it would grow into; measured on a 2-core box).
     ctx.op_resource_reservation_enabled = False
+    # Decode tasks are whole shard blocks (seconds to minutes each). With Ray Data's default of
+    # 2 tasks queued per actor, a pool grows only once an actor holds 2 (utilization 2.0 >= the
+    # 1.75 threshold), and that second block is then committed to the busy actor: a new actor
+    # finds the queue already drained and is dropped before it runs (measured, 2 cores, a 1→2
+    # pool over 3 shards of 3 s: dropped in 2 of 2 runs; with the settings below it ran in 2 of
+    # 2, starting 6-7 s after the request). One task per actor leaves the backlog in the
+    # operator's queue for whichever actor frees up or starts first; at that cap the pool is
+    # full when every actor is busy, so grow at utilization 1.0 (VAE pool: same settings).
+    # Cost: a block is fetched only once the previous one is done (~0.2 s idle per shard on a
+    # loaded 2-core box vs ~0.05-0.09 s with 2 in flight): small next to a shard's decode time.
+    ctx.autoscaling_config = replace(
+        ctx.autoscaling_config, actor_pool_util_upscaling_threshold=1.0
+    )
     # A block that fails after its retries must not abort the whole job: run() turns the
     # samples it carried into error rows (stages.record_lost).
     ctx.max_errored_blocks = -1
@@ -110,7 +123,9 @@ def build_dataset(job: JobConfig, todo: list[dict[str, Any]]) -> ray.data.Datase
         ds = ds.map_batches(
             VaeActor,
             batch_size=res.batch_size,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=res.max_actors),
+            compute=ray.data.ActorPoolStrategy(
+                min_size=1, max_size=res.max_actors, max_tasks_in_flight_per_actor=1
+            ),
             fn_constructor_kwargs={"job": job},
             # The VAE is small next to PiD: it shares a GPU (and a CPU) with a decode actor.
             num_gpus=res.gpus_per_actor / 4 if res.gpus_per_actor else 0,
@@ -119,7 +134,9 @@ def build_dataset(job: JobConfig, todo: list[dict[str, Any]]) -> ray.data.Datase
     ds = ds.map_batches(
         DecodeActor,
         batch_size=res.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors),
+        compute=ray.data.ActorPoolStrategy(
+            min_size=res.min_actors, max_size=res.max_actors, max_tasks_in_flight_per_actor=1
+        ),
         fn_constructor_kwargs={"job": job},
         num_gpus=res.gpus_per_actor,
         num_cpus=res.cpus_per_actor,
