@@ -1,0 +1,81 @@
+"""benchmarks/gpu_pipeline.py: defaults, the null-text full-size config, and a --smoke run end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_pipeline.py"
+
+
+@pytest.fixture(scope="module")
+def gp():
+    spec = importlib.util.spec_from_file_location("gpu_pipeline", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_defaults_and_smoke_defaults(gp):
+    a = gp.parse_args([])
+    assert (a.size, a.images, a.batch_size, a.compile, a.max_seconds) == (2048, 96, 16, True, 540)
+    assert gp.latent_hw(a) == (64, 64)  # flux: 2048 / 32
+    s = gp.parse_args(["--smoke"])
+    assert (s.size, s.compile) == (128, False)
+    assert gp.latent_hw(s) == (4, 4)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        gp.latent_hw(gp.parse_args(["--size", "2000"]))
+
+
+def test_full_preset_without_text_encoder_uses_null_text(gp, tmp_path):
+    from pid_batch.job import JobConfigError, ModelConfig
+
+    with pytest.raises(JobConfigError, match="text_encoder"):  # the job spec route still refuses
+        ModelConfig(backbone="flux", checkpoint="x.pth", preset="full")
+    m = gp.model_config(gp.parse_args([]), str(tmp_path / "x.pth"))
+    assert (m.preset, m.text_encoder, m.null_text, m.compile) == ("full", None, True, True)
+    assert m.variant_label == "v1p5_sr4x_c16"
+    job = gp.job_config(gp.parse_args([]), m, str(tmp_path / "in"), str(tmp_path / "out"))
+    assert job.resources.gpus_per_actor == 1.0 and job.model.text_encoder is None
+
+
+def test_without_cuda_the_full_run_refuses(tmp_path):
+    out = tmp_path / "r.json"
+    r = subprocess.run([sys.executable, str(SCRIPT), "--json", str(out)], capture_output=True,
+                       text=True, timeout=60, cwd=ROOT)  # fmt: skip
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "--smoke" in r.stderr and not out.exists()
+
+
+def test_smoke_end_to_end(tmp_path):
+    out = tmp_path / "smoke.json"
+    r = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--json", str(out), "--tmp-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=150, cwd=ROOT,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    for key in ("machine", "args", "checkpoint", "variant", "a", "b", "ratio_b_over_a", "card",
+                "output_hw", "total_s", "ray_init_s"):  # fmt: skip
+        assert key in rep, key
+    ratio = rep["ratio_b_over_a"]
+    assert isinstance(ratio, float) and math.isfinite(ratio) and ratio > 0
+    assert rep["card"] == "cpu" and rep["variant"] == "tiny:v1p5_sr4x_c16"
+    assert rep["checkpoint"]["params"] > 0 and rep["checkpoint"]["file_gib"] > 0
+    a, b = rep["a"], rep["b"]
+    for mode in (a, b):
+        for key in ("images", "img_per_s", "ms_per_image", "busy", "peak_gpu_mem_gib", "device"):
+            assert key in mode, key
+        assert mode["img_per_s"] > 0 and 0 < mode["busy"] <= 1.0
+    assert b["images_total"] == 12  # every latent went through the real pipeline
+    assert 0 < b["busy_probe"] <= 1.0 and 0 < b["busy_whole"] <= 1.0
+    assert a["images"] == 8  # 12 latents, first batch of 4 is the warm-up
+    assert "b/a steady throughput" in r.stdout
+    assert not any(p.name.startswith("pid-gpu-pipeline-") for p in tmp_path.iterdir())  # cleaned
