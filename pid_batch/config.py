@@ -263,6 +263,25 @@ def tiny(cfg: NetConfig) -> NetConfig:
     )
 
 
+def demo(cfg: NetConfig) -> NetConfig:
+    """Demo preset: the size of the bundled CPU-trained decoder (pid_batch.train, ~4.5 M params)."""
+    return cfg.replace(
+        hidden_size=96,
+        num_groups=3,
+        patch_depth=4,
+        pixel_hidden_size=8,
+        pixel_attn_hidden_size=48,
+        pixel_num_groups=2,
+        pixel_depth=2,
+        txt_embed_dim=24,
+        txt_max_length=8,
+        lq_hidden_dim=48,
+        # 16x16 patch reference grid: no NTK rescaling up to the demo's 256-px outputs.
+        rope_ref_h=256,
+        rope_ref_w=256,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Released checkpoints (§2.1, §2.3, §6)
 

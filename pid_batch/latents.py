@@ -1,107 +1,36 @@
-"""Per-backbone latent conventions: a user's latent -> PiD `LQ_latent` [C, h, w] + `degrade_sigma` (SPEC §6, §7)."""
+"""Per-backbone latent conventions, torch side: VAE (de)normalisation, noise, `to_pid` (SPEC §6, §7).
+
+The torch-free half (the convention table, sigma checks, the numpy conversion) is
+`pid_batch.conventions`; its names are re-exported here.
+"""
 
 from __future__ import annotations
 
 import math
-import numbers
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from pid_batch.config import ALIASES  # the one alias table of the project
-
-TRAINED_SIGMA_MAX = 0.8  # v1.5 students saw degrade_sigma ~ U[0, 0.8] (SPEC §6.1)
-FLUX2_BN_EPS = 1e-4  # AutoencoderKLFlux2 config `batch_norm_eps` (SPEC §6)
-RAE_SHIFT = math.sqrt(768 * 32 * 32 / 4096)  # DINOv2 RAE time shift, ≈ 13.856 (SPEC §6.1)
-
-# AutoencoderKLQwenImage (Wan2.1 VAE) `latents_mean` / `latents_std` (SPEC §6).
-QWENIMAGE_LATENTS_MEAN = (
-    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
-)  # fmt: skip
-QWENIMAGE_LATENTS_STD = (
-    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
-)  # fmt: skip
-
-
-@dataclass(frozen=True)
-class LatentConvention:
-    """How one backbone's `LQ_latent` looks and how raw VAE latents map to it (SPEC §6 table)."""
-
-    backbone: str
-    channels: int  # C of the PiD-form LQ_latent [C, h, w]
-    vae_scale: int  # LDM-image pixels per PiD-form latent cell (s_vae)
-    noise_frame: str  # "flow": (1-σ)x0+σε, "vp": sqrt(1-σ²)x0+σε
-    sr_scale: int  # PiD output / LDM image size of the released checkpoints
-    raw_channels: int | None = None  # channels of the raw VAE posterior mean (None: RAE features)
-    packed_channels: int | None = None  # last dim of diffusers' packed [seq, ·] latents
-    packed_patch: int = 1  # latent cells per packed token side (2: flux/qwen 2×2 tokens)
-    scaling_factor: float | None = None  # normalised = scaling_factor·(z − shift_factor)
-    shift_factor: float = 0.0
-    fixed_hw: tuple[int, int] | None = None  # RAEs decode one size only (2048²)
-    tokens: int | None = None  # RAE features may come as a token sequence [tokens, C]
-
-
-CONVENTIONS: dict[str, LatentConvention] = {
-    c.backbone: c
-    for c in (
-        LatentConvention("flux", 16, 8, "flow", 4, 16, 64, 2, 0.3611, 0.1159),
-        LatentConvention("flux2", 128, 16, "flow", 4, 32, 128, 1),
-        LatentConvention("sd3", 16, 8, "flow", 4, 16, None, 1, 1.5305, 0.0609),
-        LatentConvention("sdxl", 4, 8, "vp", 4, 4, None, 1, 0.13025, 0.0),
-        LatentConvention("qwenimage", 16, 8, "flow", 4, 16, 64, 2),
-        LatentConvention("dinov2", 768, 16, "flow", 4, fixed_hw=(32, 32), tokens=1024),
-        LatentConvention("siglip", 1152, 16, "flow", 8, fixed_hw=(16, 16), tokens=256),
-    )
-}
-
-LATENT_FORMATS = ("pid", "diffusers")
-
-
-def canonical_backbone(backbone: str) -> str:
-    """Canonical backbone name for a name or alias; ValueError listing the valid names."""
-    name = str(backbone).strip().lower()
-    name = ALIASES.get(name, name)
-    if name not in CONVENTIONS:
-        valid = sorted([*CONVENTIONS, *ALIASES])
-        raise ValueError(f"unknown backbone {backbone!r}; valid names: {', '.join(valid)}")
-    return name
-
-
-def convention(backbone: str) -> LatentConvention:
-    """The LatentConvention of a backbone (aliases accepted)."""
-    return CONVENTIONS[canonical_backbone(backbone)]
-
-
-def _where(backbone: str, sample_id: str | None) -> str:
-    return f"sample {sample_id!r}: {backbone}" if sample_id is not None else backbone
-
-
-def _forms(conv: LatentConvention, latent_format: str) -> str:
-    """Human-readable accepted shapes, for error messages."""
-    c = conv.channels
-    if conv.tokens is not None:
-        h, w = conv.fixed_hw
-        return f"[{c}, {h}, {w}] (or tokens [{conv.tokens}, {c}])"
-    if latent_format == "pid":
-        return f"[{c}, h, w]"
-    extra = []
-    if conv.backbone == "qwenimage":
-        extra.append(f"[{c}, 1, h, w]")
-    if conv.packed_channels is not None:
-        extra.append(f"packed [seq, {conv.packed_channels}]")
-    if conv.backbone == "flux2":
-        extra.append("raw [32, 2h, 2w] with flux2_bn")
-    return f"[{c}, h, w]" + (f" (or {', '.join(extra)})" if extra else "")
-
-
-def _shape_error(conv: LatentConvention, latent_format: str, shape, where: str) -> ValueError:
-    return ValueError(
-        f"{where} latent must have {conv.channels} channels {_forms(conv, latent_format)}; "
-        f"got shape {tuple(shape)}"
-    )
+from pid_batch.conventions import (  # noqa: F401  (re-exported: latents.X keeps working)
+    CONVENTIONS,
+    FLUX2_BN_EPS,
+    LATENT_FORMATS,
+    QWENIMAGE_LATENTS_MEAN,
+    QWENIMAGE_LATENTS_STD,
+    RAE_SHIFT,
+    TRAINED_SIGMA_MAX,
+    LatentConvention,
+    canonical_backbone,
+    convention,
+    dinov2_sigma,
+    euler_norm,
+    flux2_bn_missing,
+    output_hw,
+    rae_time_shift,
+    sigma_out_of_distribution,
+    to_pid_array,
+    validate_sigma,
+)
 
 
 def _as_float_tensor(latent: torch.Tensor | np.ndarray, where: str) -> torch.Tensor:
@@ -123,66 +52,10 @@ def _as_float_tensor(latent: torch.Tensor | np.ndarray, where: str) -> torch.Ten
     return latent
 
 
-def _sigma_value(sigma, where: str) -> float:
-    """float(sigma) for numbers and 1-element tensors/arrays; ValueError for anything else."""
-    if sigma is None:
-        return 0.0
-    if isinstance(sigma, (torch.Tensor, np.ndarray)):
-        if int(np.prod(tuple(sigma.shape))) != 1 or sigma.dtype in (torch.bool, np.bool_):
-            raise ValueError(f"{where} sigma must be a real scalar; got {sigma!r}")
-    elif isinstance(sigma, (bool, np.bool_)) or not isinstance(sigma, (numbers.Real, np.generic)):
-        raise ValueError(f"{where} sigma must be a number; got {sigma!r}")
-    value = float(sigma)
-    if not math.isfinite(value):
-        raise ValueError(f"{where} sigma must be finite; got {value}")
-    return value
-
-
-def validate_sigma(sigma, backbone: str = "", sample_id: str | None = None) -> float:
-    """degrade_sigma as a float in [0, 1] (flow/VP frame); ValueError otherwise."""
-    where = _where(backbone or "latent", sample_id)
-    value = _sigma_value(sigma, where)
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{where} degrade_sigma must be in [0, 1]; got {value}")
-    return value
-
-
-def sigma_out_of_distribution(sigma: float) -> bool:
-    """True when sigma exceeds the training range U[0, 0.8] (allowed, but quality is not promised)."""
-    return float(sigma) > TRAINED_SIGMA_MAX
-
-
 def euler_to_vp(x: torch.Tensor, sigma_eu: float) -> tuple[torch.Tensor, float]:
     """EulerDiscrete VE state x0+σε -> VP state and σ: x/sqrt(σ²+1), σ/sqrt(σ²+1) (SPEC §6.1)."""
-    sigma_eu = float(sigma_eu)
-    if not (math.isfinite(sigma_eu) and sigma_eu >= 0.0):
-        raise ValueError(f"Euler sigma must be finite and >= 0; got {sigma_eu}")
-    norm = math.sqrt(sigma_eu * sigma_eu + 1.0)
-    return x.to(torch.float32) / norm, sigma_eu / norm
-
-
-def rae_time_shift(u: float, shift: float = RAE_SHIFT) -> float:
-    """Shifted flow time s·u / (1 + (s − 1)·u) (RAE sampler, SPEC §6.1)."""
-    return shift * u / (1.0 + (shift - 1.0) * u)
-
-
-def dinov2_sigma(step: int, num_steps: int) -> float:
-    """degrade_sigma of a DINOv2-RAE state captured after `step` of `num_steps` Euler steps.
-
-    σ = s·u/(1+(s−1)·u), u = 1 − linspace(0, 1 − 1/1000, N+1)[K]; the final x0 (K = N) is σ = 0.
-    """
-    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
-        raise ValueError(f"num_steps must be an integer >= 1; got {num_steps!r}")
-    if (
-        isinstance(step, bool)
-        or not isinstance(step, numbers.Integral)
-        or not 0 <= step <= num_steps
-    ):
-        raise ValueError(f"step must be an integer in [0, {num_steps}]; got {step!r}")
-    if step == num_steps:
-        return 0.0
-    u = 1.0 - step * (1.0 - 1.0 / 1000.0) / num_steps
-    return rae_time_shift(u)
+    norm = euler_norm(sigma_eu)
+    return x.to(torch.float32) / norm, float(sigma_eu) / norm
 
 
 def flux2_patchify(z: torch.Tensor) -> torch.Tensor:
@@ -206,11 +79,7 @@ def flux2_unpatchify(x: torch.Tensor) -> torch.Tensor:
 def _flux2_stats(flux2_bn, where: str, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) [128, 1, 1] from the Flux2 VAE BatchNorm running stats."""
     if flux2_bn is None:
-        raise ValueError(
-            f"{where}: raw 32-channel Flux2 latents need the Flux2 VAE's BatchNorm running stats; "
-            "pass flux2_bn=(vae.bn.running_mean, vae.bn.running_var) "
-            "(AutoencoderKLFlux2 `bn` buffers, 128 values each)"
-        )
+        raise flux2_bn_missing(where)
     mean, var = (torch.as_tensor(s) for s in flux2_bn)
     for name, s in (("running_mean", mean), ("running_var", var)):
         if tuple(s.shape) != (128,) or not torch.isfinite(s).all():
@@ -290,65 +159,6 @@ def noise_latent(
     return (1.0 - sigma) * x0 + sigma * eps
 
 
-def _packed_grid(seq: int, cell: int, height, width, where: str) -> tuple[int, int]:
-    """Token grid (rows, cols) of a packed sequence: from the LDM image size, else assume square."""
-    if height is None:
-        side = math.isqrt(seq)
-        if side * side != seq:
-            raise ValueError(
-                f"{where}: packed latent has {seq} tokens, not a square grid; "
-                "pass height and width (LDM image size in pixels)"
-            )
-        return side, side
-    rows, cols = int(height) // cell, int(width) // cell
-    if rows * cols != seq:
-        raise ValueError(
-            f"{where}: packed latent has {seq} tokens but height={height}, width={width} give a "
-            f"{rows}×{cols} = {rows * cols} token grid ({cell} px per token)"
-        )
-    return rows, cols
-
-
-def _from_diffusers(x: torch.Tensor, conv: LatentConvention, height, width, flux2_bn, where: str):
-    """Diffusers pipeline latent (packed/unpacked/raw) -> PiD form [C, h, w]."""
-    c = conv.channels
-    if x.dim() == 2 and conv.packed_channels is not None:
-        seq, cp = x.shape
-        if cp != conv.packed_channels:
-            raise _shape_error(conv, "diffusers", x.shape, where)
-        p = conv.packed_patch
-        rows, cols = _packed_grid(seq, conv.vae_scale * p, height, width, where)
-        x = x.reshape(rows, cols, c, p, p)  # [rows, cols, c, a, b]
-        return x.permute(2, 0, 3, 1, 4).reshape(c, rows * p, cols * p)  # [c, rows·a, cols·b]
-    if conv.backbone == "qwenimage" and x.dim() == 4 and x.shape[0] == c and x.shape[1] == 1:
-        return x[:, 0]  # [C, 1, h, w] frame axis of the Wan-style VAE
-    if conv.backbone == "flux2" and x.dim() == 3 and x.shape[0] == conv.raw_channels:
-        if x.shape[1] % 2 or x.shape[2] % 2:
-            raise ValueError(
-                f"{where} raw 32-channel latent needs even H, W; got shape {tuple(x.shape)}"
-            )
-        return normalize_vae_latent(x, "flux2", flux2_bn=flux2_bn)
-    if x.dim() == 3 and x.shape[0] == c:
-        return x
-    raise _shape_error(conv, "diffusers", x.shape, where)
-
-
-def _from_pid(x: torch.Tensor, conv: LatentConvention, where: str) -> torch.Tensor:
-    """PiD-form latent [C, h, w] (RAEs: or row-major tokens [h·w, C]) -> [C, h, w]."""
-    if conv.tokens is not None and x.dim() == 2 and tuple(x.shape) == (conv.tokens, conv.channels):
-        h, w = conv.fixed_hw
-        return x.reshape(h, w, conv.channels).permute(2, 0, 1)  # token i·w + j -> (i, j)
-    if x.dim() == 3 and x.shape[0] == conv.channels:
-        return x
-    raise _shape_error(conv, "pid", x.shape, where)
-
-
-def _expected_hw(conv: LatentConvention, height: int, width: int) -> tuple[int, int]:
-    """PiD-form (h, w) diffusers produces for an LDM image of height×width pixels."""
-    cell, p = conv.vae_scale * conv.packed_patch, conv.packed_patch
-    return (int(height) // cell) * p, (int(width) // cell) * p
-
-
 def to_pid(
     latent: torch.Tensor | np.ndarray,
     backbone: str,
@@ -361,89 +171,19 @@ def to_pid(
     flux2_bn: tuple[torch.Tensor, torch.Tensor] | None = None,
     sample_id: str | None = None,
 ) -> tuple[torch.Tensor, float]:
-    """One sample's latent -> (LQ_latent [C, h, w] fp32, degrade_sigma) for PiD (SPEC §6, §6.1).
-
-    latent_format "pid": already [C, h, w] in the LDM's normalised space (dinov2/siglip also
-    accept row-major tokens [1024, 768] / [256, 1152]). "diffusers": one batch item of what
-    `output_type="latent"` or `callback_on_step_end` gives — flux/zimage/qwenimage packed
-    [seq, 64] (unpacked with `height`, `width` = LDM image pixels; without them the token grid is
-    assumed square) or [16, h, w] (qwenimage also [16, 1, h, w]); flux2 packed [seq, 128] (BN-
-    normalised, row-major tokens), [128, h, w], or klein's final raw [32, 2h, 2w] (needs
-    `flux2_bn`); sd3/sdxl [C, h, w] (already scaled by the pipeline). `sigma`: the scheduler sigma
-    at capture (flow: `scheduler.sigmas[K]`; None = clean). SDXL: `sigma_frame="euler"` converts an
-    EulerDiscrete state x0+σε and σ to the VP frame; "vp" means already VP; SDXL "diffusers"
-    latents with sigma > 0 need an explicit sigma_frame.
-    """
-    conv = convention(backbone)
-    name = conv.backbone
-    where = _where(name, sample_id)
-    if latent_format not in LATENT_FORMATS:
-        raise ValueError(
-            f"{where}: latent_format must be one of {LATENT_FORMATS}; got {latent_format!r}"
-        )
-    if (height is None) != (width is None):
-        raise ValueError(f"{where}: pass both height and width (LDM image pixels) or neither")
-    x = source = _as_float_tensor(latent, where)
-    if x.numel() == 0 or min(x.shape, default=0) < 1:
-        raise _shape_error(conv, latent_format, x.shape, where)
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{where} latent contains NaN or inf (shape {tuple(x.shape)})")
-
-    if latent_format == "diffusers":
-        if conv.tokens is not None:
-            raise ValueError(
-                f"{where}: latent_format 'diffusers' does not apply to RAE backbones; pass RAE "
-                f"features with latent_format='pid' as {_forms(conv, 'pid')}"
-            )
-        x = _from_diffusers(x, conv, height, width, flux2_bn, where)
-    else:
-        x = _from_pid(x, conv, where)
-
-    h, w = x.shape[-2:]
-    if conv.fixed_hw is not None:
-        if (h, w) != conv.fixed_hw:
-            raise _shape_error(conv, latent_format, x.shape, where)
-        if height is not None or width is not None:
-            raise ValueError(
-                f"{where}: height/width do not apply (RAE backbones decode 2048² only)"
-            )
-    elif height is not None and width is not None:
-        exp_h, exp_w = _expected_hw(conv, height, width)
-        if (h, w) != (exp_h, exp_w):
-            raise ValueError(
-                f"{where}: latent is {h}×{w} but height={height}, width={width} imply {exp_h}×{exp_w}"
-            )
-
-    frame = sigma_frame if sigma_frame is None else str(sigma_frame).lower()
-    allowed = ("vp", "euler") if conv.noise_frame == "vp" else ("flow",)
-    if frame is not None and frame not in allowed:
-        raise ValueError(
-            f"{where}: sigma_frame must be one of {allowed} or None; got {sigma_frame!r}"
-        )
-    sigma_value = _sigma_value(sigma, where)
-    if frame == "euler":
-        if sigma_value < 0:
-            raise ValueError(f"{where}: Euler sigma must be >= 0; got {sigma_value}")
-        x, sigma_value = euler_to_vp(x, sigma_value)
-    elif frame is None and name == "sdxl" and latent_format == "diffusers" and sigma_value > 0:
-        raise ValueError(
-            f"{where}: intermediate SDXL latents need sigma_frame: 'euler' for EulerDiscreteScheduler "
-            "states x0 + σ·ε with σ = scheduler.sigmas[K], or 'vp' if already sqrt(1−σ²)·x0 + σ·ε"
-        )
-    sigma_value = validate_sigma(sigma_value, name, sample_id)
-    out = x.to(torch.float32).contiguous()
-    if out.data_ptr() == source.data_ptr():
-        out = out.clone()  # never hand back the caller's own storage
+    """`conventions.to_pid_array` as an fp32 tensor (on the input tensor's device); same checks."""
+    lq, sigma_value = to_pid_array(
+        latent,
+        backbone,
+        latent_format,
+        sigma,
+        height=height,
+        width=width,
+        sigma_frame=sigma_frame,
+        flux2_bn=flux2_bn,
+        sample_id=sample_id,
+    )
+    out = torch.from_numpy(lq)
+    if isinstance(latent, torch.Tensor) and latent.device.type != "cpu":
+        out = out.to(latent.device)
     return out, sigma_value
-
-
-def output_hw(lq_latent_shape, backbone: str, sr_scale: int | None = None) -> tuple[int, int]:
-    """PiD output (H, W) = latent (h, w) · s_vae · sr (sr defaults to the backbone's checkpoints)."""
-    conv = convention(backbone)
-    sr = conv.sr_scale if sr_scale is None else sr_scale
-    if isinstance(sr, bool) or not isinstance(sr, numbers.Integral) or sr < 1:
-        raise ValueError(f"sr_scale must be a positive integer; got {sr_scale!r}")
-    shape = tuple(lq_latent_shape)
-    if len(shape) < 2 or shape[-1] < 1 or shape[-2] < 1:
-        raise ValueError(f"{conv.backbone}: latent shape must end in (h, w) >= 1; got {shape}")
-    return int(shape[-2]) * conv.vae_scale * sr, int(shape[-1]) * conv.vae_scale * sr

@@ -4,6 +4,10 @@ shard listing ─▶ read_shard (CPU tasks, one block per shard)
              ─▶ DecodeActor (actor pool, warm Decoder, micro-batches per accelerator)
              ─▶ encode_write (CPU tasks: image objects, then timing parts)
              ─▶ driver: progress, per-shard done markers, summary.json
+
+Torch-free at import: a Ray worker imports the module of the function or class it runs, so the
+CPU tasks' functions come from reader/resume/writer and the actors import `actors` (torch) only
+when they start.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import ray  # noqa: E402
 
-from pid_batch import stages, storage  # noqa: E402
+from pid_batch import reader, resume, storage, writer  # noqa: E402
 from pid_batch.job import JobConfig, JobConfigError  # noqa: E402
+from pid_batch.layout import shard_key  # noqa: E402
 from pid_batch.summary import format_summary, read_timing, summarize  # noqa: E402
 
 _FORWARDED_ENV = (
@@ -37,20 +42,24 @@ DECODE_TASK_RETRIES = 2
 
 
 class DecodeActor:
-    """Ray actor: a thin adapter around stages.DecodeStage (loads once, maps batches)."""
+    """Ray actor: a thin adapter around actors.DecodeStage (loads once, maps batches)."""
 
     def __init__(self, job: JobConfig):
-        self.stage = stages.DecodeStage(job)
+        from pid_batch.actors import DecodeStage  # torch: in actor processes only
+
+        self.stage = DecodeStage(job)
 
     def __call__(self, batch):
         return self.stage(batch)
 
 
 class VaeActor:
-    """Ray actor: a thin adapter around stages.VaeStage (image encode, baseline decode)."""
+    """Ray actor: a thin adapter around actors.VaeStage (image encode, baseline decode)."""
 
     def __init__(self, job: JobConfig):
-        self.stage = stages.VaeStage(job)
+        from pid_batch.actors import VaeStage  # torch: in actor processes only
+
+        self.stage = VaeStage(job)
 
     def __call__(self, batch):
         return self.stage(batch)
@@ -110,12 +119,12 @@ def build_dataset(job: JobConfig, todo: list[dict[str, Any]]) -> ray.data.Datase
         ctx.autoscaling_config, actor_pool_util_upscaling_threshold=1.0
     )
     # A block that fails after its retries must not abort the whole job: run() turns the
-    # samples it carried into error rows (stages.record_lost).
+    # samples it carried into error rows (resume.record_lost).
     ctx.max_errored_blocks = -1
     # One block per shard: small shard files otherwise get packed into a few blocks and most
     # actors idle (measured: 64-128 small shards landed in 2-6 blocks).
     ds = ray.data.from_items(todo, override_num_blocks=max(1, len(todo)))
-    read = stages.read_images if job.input_kind == "images" else stages.read_shard
+    read = reader.read_images if job.input_kind == "images" else reader.read_shard
     # Reads are IO and parsing: half a CPU each. The differing request also keeps Ray Data from
     # fusing the read into the decode actor, so the decoder never waits on storage.
     ds = ds.map_batches(read, batch_size=1, fn_kwargs={"job": job}, num_cpus=0.5)
@@ -148,7 +157,7 @@ def build_dataset(job: JobConfig, todo: list[dict[str, Any]]) -> ray.data.Datase
         max_task_retries=DECODE_TASK_RETRIES,
     )
     ds = ds.map_batches(
-        stages.encode_write,
+        writer.encode_write,
         batch_size=res.encode_batch_size,
         fn_kwargs={"job": job},
         num_cpus=res.encode_cpus,
@@ -165,12 +174,12 @@ def find_duplicate_ids(job: JobConfig) -> dict[str, tuple[list[int], list[str]]]
     uris = storage.list_files(job.input, suffixes=(".safetensors", ".parquet"))
     if len(uris) < 2:
         return {}  # repeats inside one shard are already error rows
-    keys = [stages.shard_key(job.input, u) for u in uris]
+    keys = [shard_key(job.input, u) for u in uris]
     items = [{"order": i, "shard": u} for i, u in enumerate(uris)]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 16, 1024)))
-    ds = ds.map_batches(stages.list_ids, batch_size=16, num_cpus=0.25)
+    ds = ds.map_batches(resume.list_ids, batch_size=16, num_cpus=0.25)
     tables = [b for b in ds.iter_batches(batch_size=None, batch_format="pyarrow") if b.num_rows]
-    return stages.duplicate_reasons(pa.concat_tables(tables), keys) if tables else {}
+    return resume.duplicate_reasons(pa.concat_tables(tables), keys) if tables else {}
 
 
 def ensure_ray(job: JobConfig, **init_kwargs: Any) -> None:
@@ -194,7 +203,7 @@ def run(job: JobConfig, *, log: TextIO | None = sys.stderr, **init_kwargs: Any) 
     """Run a decode job to completion; resumable: rerunning skips what is already done."""
     t0 = time.time()
     check_output(job)
-    todo, skipped = stages.plan_shards(job)
+    todo, skipped = resume.plan_shards(job)
     ensure_ray(job, **init_kwargs)
     result = RunResult(summary={}, shards_skipped=skipped)
     if todo and job.input_kind != "images":
@@ -208,7 +217,7 @@ def run(job: JobConfig, *, log: TextIO | None = sys.stderr, **init_kwargs: Any) 
         seen_ids: dict[str, set[str]] = defaultdict(set)  # shards still open only
         finished: set[str] = set()
         failed: dict[str, int] = defaultdict(int)
-        finish = ray.remote(num_cpus=0.5, max_retries=3)(stages.finish_shard)
+        finish = ray.remote(num_cpus=0.5, max_retries=3)(writer.finish_shard)
         finishing = []
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for sid, key, pending, status in zip(
@@ -231,7 +240,7 @@ def run(job: JobConfig, *, log: TextIO | None = sys.stderr, **init_kwargs: Any) 
         # were skipped by Ray Data; their samples become error rows instead of vanishing.
         for item in todo:
             if item["key"] not in finished:
-                lost = stages.record_lost(job, item, seen_ids.get(item["key"], set()))
+                lost = resume.record_lost(job, item, seen_ids.get(item["key"], set()))
                 result.processed += len(lost)
                 result.errors += len(lost)
                 result.error_ids += lost

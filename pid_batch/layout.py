@@ -1,0 +1,86 @@
+"""Where a job's outputs live (URIs, keys, ids) and the small row helpers every stage shares.
+
+Torch-free: Ray's CPU tasks (read, encode/write, finish) import it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+
+from pid_batch import codecs, storage
+
+Batch = dict[str, np.ndarray]
+
+
+def sample_seed(job_seed: int, sample_id: str) -> int:
+    """Default per-sample seed: a stable hash of (job seed, id), so retries reproduce images."""
+    digest = hashlib.sha256(f"{job_seed}:{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def shard_key(input_uri: str, shard_uri: str) -> str:
+    """A shard's name under the output prefix: its path relative to the input, made key-safe."""
+    rel = (
+        shard_uri[len(input_uri.rstrip("/")) + 1 :]
+        if shard_uri.startswith(input_uri)
+        else shard_uri
+    )
+    return codecs.sanitize_id(rel.replace("/", "__"))
+
+
+def image_sample_id(input_uri: str, uri: str) -> str:
+    """An image input's id: its path under the input prefix, without extension, key-safe."""
+    rel = uri[len(input_uri.rstrip("/")) + 1 :] if uri.startswith(input_uri) else uri
+    return codecs.sanitize_id(os.path.splitext(rel)[0].replace("/", "__"))
+
+
+def image_uri(out: str, sample_id: str, fmt: str) -> str:
+    """<out>/images/<id>.<ext>: one image object (layout "files")."""
+    return storage.join(out, "images", f"{sample_id}.{codecs.IMAGE_FORMATS[fmt]}")
+
+
+def timing_dir(out: str, key: str) -> str:
+    """<out>/timing/<shard key>/: the shard's timing parts (Parquet)."""
+    return storage.join(out, "timing", key)
+
+
+def marker_uri(out: str, key: str) -> str:
+    """<out>/_done/<shard key>.json: written last, once every sample of the shard is ok."""
+    return storage.join(out, "_done", f"{key}.json")
+
+
+def staging_uri(out: str, key: str, part: str) -> str:
+    """<out>/_staging/<shard key>/<part>.tar: one encode task's images of a shard (layout "tar")."""
+    return storage.join(out, "_staging", key, f"{part}.tar")
+
+
+def tar_uri(out: str, key: str) -> str:
+    """<out>/shards/<shard key>.tar: a finished shard's images (layout "tar")."""
+    return storage.join(out, "shards", f"{key}.tar")
+
+
+def objects(values: list) -> np.ndarray:
+    """A 1-D object array of `values` (bytes/str/None cells that numpy must not reshape)."""
+    arr = np.empty(len(values), dtype=object)
+    arr[:] = values
+    return arr
+
+
+def cell_str(v) -> str | None:
+    """A string cell back from Arrow/numpy: None/NaN (an all-null column) → None."""
+    return v if isinstance(v, str) else None
+
+
+def pack_image(img: np.ndarray) -> bytes:
+    """An HWC uint8 image as bytes with a 8-byte (h, w) header, so rows carry their own size."""
+    h, w = img.shape[:2]
+    return np.asarray([h, w], dtype=np.int32).tobytes() + np.ascontiguousarray(img).tobytes()
+
+
+def unpack_image(data: bytes) -> np.ndarray:
+    """Inverse of pack_image: bytes → HWC uint8 image."""
+    h, w = np.frombuffer(data[:8], np.int32)
+    return np.frombuffer(data[8:], np.uint8).reshape(int(h), int(w), 3)

@@ -1,0 +1,76 @@
+"""Torch-free checks of one sample against a job's checkpoint (read workers run them without torch)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pid_batch.config import CheckpointSpec, NetConfig, demo, tiny
+
+# Largest output side a released checkpoint was trained or shown at (SPEC §7: 2kto4k buckets up
+# to 4096 px). A larger request is a mistake or an attempt to exhaust the decoder's memory; it is
+# refused for every preset (tiny included), before any allocation.
+MAX_OUTPUT_SIDE = 4096
+
+
+class SampleError(ValueError):
+    """A problem with one sample; the pipeline turns it into an error row and goes on."""
+
+    def __init__(self, sample_id: str | None, reason: str):
+        self.sample_id = sample_id
+        self.reason = reason
+        super().__init__(f"sample {sample_id!r}: {reason}" if sample_id is not None else reason)
+
+
+def net_config_for(spec: CheckpointSpec, preset: str) -> NetConfig:
+    """The network a job builds: the released variant, its tiny twin, or the demo decoder's size."""
+    if preset == "full":
+        return spec.net_config
+    if preset == "tiny":
+        return tiny(spec.net_config)
+    if preset == "demo":
+        return demo(spec.net_config)
+    raise ValueError(f"preset={preset!r}; valid: ('full', 'tiny', 'demo')")
+
+
+def validate_latent_shape(
+    spec: CheckpointSpec,
+    cfg: NetConfig,
+    shape: Sequence[int],
+    sample_id: str | None = None,
+    trained_sizes_only: bool = True,
+) -> tuple[int, int]:
+    """Check a PiD-form latent [C, h, w] against the checkpoint; return the output (H, W).
+
+    `trained_sizes_only` enforces SPEC §7's hard limit (dinov2/siglip decode only 2048²); the
+    tiny preset turns it off so tests can run those code paths at small sizes.
+    """
+    if len(shape) != 3:
+        raise SampleError(sample_id, f"PiD latent must be [C, h, w]; got shape {tuple(shape)}")
+    c, h, w = (int(s) for s in shape)
+    if c != cfg.lq_latent_channels:
+        raise SampleError(
+            sample_id,
+            f"{spec.backbone} latent must have {cfg.lq_latent_channels} channels "
+            f"[{cfg.lq_latent_channels}, h, w]; got shape {tuple(shape)}",
+        )
+    if h < 1 or w < 1:
+        raise SampleError(sample_id, f"empty latent of shape {tuple(shape)}")
+    height, width = spec.output_hw(h, w)
+    if max(height, width) > MAX_OUTPUT_SIDE:
+        raise SampleError(
+            sample_id,
+            f"output {height}x{width} exceeds {MAX_OUTPUT_SIDE} px per side "
+            f"(latent shape {tuple(shape)})",
+        )
+    if height % cfg.patch_size or width % cfg.patch_size:
+        raise SampleError(
+            sample_id,
+            f"output {height}x{width} is not a multiple of the patch size {cfg.patch_size}",
+        )
+    if trained_sizes_only and spec.square_only and (height, width) != (2048, 2048):
+        raise SampleError(
+            sample_id,
+            f"{spec.backbone} decodes only 2048x2048 (latent [{c}, {2048 // (spec.vae_scale * spec.sr_scale)}, "
+            f"{2048 // (spec.vae_scale * spec.sr_scale)}]); got shape {tuple(shape)}",
+        )
+    return height, width
