@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
@@ -396,7 +396,7 @@ def _row(**kw) -> dict:
 
 
 def test_timing_table_fills_nulls_and_types():
-    t0 = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=timezone.utc)
+    t0 = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
     t = codecs.timing_table(
         [
             _row(
@@ -411,9 +411,7 @@ def test_timing_table_fills_nulls_and_types():
     )
     assert t.schema.equals(codecs.TIMING_SCHEMA, check_metadata=True)
     assert t.num_rows == 2 and t.column("width").null_count == 2
-    assert t.column("finished_at")[0].as_py() == datetime(
-        2026, 1, 2, 3, 4, 7, 178000, tzinfo=timezone.utc
-    )
+    assert t.column("finished_at")[0].as_py() == datetime(2026, 1, 2, 3, 4, 7, 178000, tzinfo=UTC)
     assert t.column("decode_ms").type == pa.float32() and t.column("seed").type == pa.int64()
     assert codecs.timing_table([]).num_rows == 0
 
