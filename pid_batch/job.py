@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from pid_batch.assets import bundled
 from pid_batch.config import ALIASES, BACKBONES, VARIANTS, CheckpointSpec, resolve_checkpoint
 
 LAYOUTS = ("files", "tar")
@@ -17,7 +18,7 @@ INPUT_KINDS = ("latents", "images")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 IMAGE_FORMATS = ("jpeg", "png", "webp")
 LATENT_FORMATS = ("pid", "diffusers")
-PRESETS = ("full", "tiny")
+PRESETS = ("full", "tiny", "demo")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -34,7 +35,12 @@ class ModelConfig:
     checkpoint: str | None = None  # local path or s3:// URI of model_ema_bf16.pth / .safetensors
     checkpoint_sha256: str | None = None
     text_encoder: str | None = None  # local dir or s3:// prefix of Gemma-2-2b-it; None: null text
-    preset: str = "full"  # "tiny": the same code path at test size (random weights unless given)
+    # Benchmarks only: let preset 'full' run without Gemma (captions become fixed random
+    # embeddings, NullTextEncoder), so decoder speed can be measured without the 5 GB download.
+    null_text: bool = False
+    # "tiny": the same code path at test size (random weights unless given); "demo": the size of
+    # the bundled CPU-trained demo decoder (pid_batch/assets/demo, used when checkpoint is unset).
+    preset: str = "full"
     compile: bool = False
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     # The backbone's own VAE (diffusers folder, local or s3://): encodes image inputs and
@@ -58,13 +64,23 @@ class ModelConfig:
             raise JobConfigError(f"model.preset={self.preset!r}; valid: {PRESETS}")
         if self.fake_latency_ms is not None and self.fake_latency_ms < 0:
             raise JobConfigError(f"model.fake_latency_ms={self.fake_latency_ms!r} must be >= 0")
+        if self.preset == "demo" and self.checkpoint is None and self.fake_latency_ms is None:
+            try:  # the bundled CPU-trained decoder of pid_batch.train
+                object.__setattr__(self, "checkpoint", str(bundled("student")))
+            except FileNotFoundError as e:
+                raise JobConfigError(f"model.preset 'demo': {e}") from None
         if self.preset == "full" and self.checkpoint is None and self.fake_latency_ms is None:
             raise JobConfigError(
                 "model.checkpoint is required with preset 'full': point it at the official "
                 "model_ema_bf16.pth of this backbone (local path or s3:// URI); "
                 "random weights are only allowed with preset 'tiny'"
             )
-        if self.preset == "full" and self.text_encoder is None and self.fake_latency_ms is None:
+        if (
+            self.preset == "full"
+            and self.text_encoder is None
+            and self.fake_latency_ms is None
+            and not self.null_text
+        ):
             raise JobConfigError(
                 "model.text_encoder is required with preset 'full': a local directory or s3:// "
                 "prefix holding Gemma-2-2b-it (config, weights and tokenizer)"
@@ -85,9 +101,9 @@ class ModelConfig:
 
     @property
     def variant_label(self) -> str:
-        """Variant name as recorded in outputs ('tiny:' prefix for the test-size preset)."""
+        """Variant name as recorded in outputs ('tiny:' / 'demo:' prefix for the small presets)."""
         v = self.spec.variant
-        return f"tiny:{v}" if self.preset == "tiny" else v
+        return v if self.preset == "full" else f"{self.preset}:{v}"
 
 
 @dataclass(frozen=True)
