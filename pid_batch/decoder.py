@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from pid_batch.checkpoint import load_net
-from pid_batch.config import CheckpointSpec, NetConfig
+from pid_batch.config import CheckpointSpec
 from pid_batch.model import PidNet
 from pid_batch.sample_checks import (  # torch-free: read workers use them without torch
+    DecodeOutput,
     SampleError,
+    check_batch,
     net_config_for,
     validate_latent_shape,
 )
@@ -35,29 +36,6 @@ _ACTIVATION_BYTES_PER_PIXEL = (13.0 - 2.8) * 2**30 / 2048**2
 # Headroom left for the allocator, the text encoder and fragmentation.
 _MEMORY_HEADROOM = 0.80
 _MAX_AUTO_MICRO_BATCH = 16
-
-
-def check_batch(
-    spec: CheckpointSpec,
-    cfg: NetConfig,
-    preset: str,
-    latents: Sequence,
-    sigmas: Sequence[float],
-    seeds: Sequence[int],
-    ids: Sequence[str] | None,
-) -> tuple[list[str], int, int]:
-    """Validate one decode call's arguments; return (ids, H, W) of its single shape bucket."""
-    n = len(latents)
-    if not (len(sigmas) == len(seeds) == n):
-        raise ValueError(f"got {n} latents, {len(sigmas)} sigmas and {len(seeds)} seeds")
-    if n == 0:
-        raise ValueError("decode() needs at least one latent")
-    ids = list(ids) if ids is not None else [str(i) for i in range(n)]
-    shapes = {tuple(lat.shape) for lat in latents}
-    if len(shapes) != 1:
-        raise ValueError(f"decode() needs latents of one shape (bucket them); got {shapes}")
-    height, width = validate_latent_shape(spec, cfg, next(iter(shapes)), ids[0], preset == "full")
-    return ids, height, width
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -82,17 +60,6 @@ def auto_micro_batch(device: torch.device, height: int, width: int, weight_bytes
     budget = free * _MEMORY_HEADROOM - weight_bytes
     per_image = _ACTIVATION_BYTES_PER_PIXEL * height * width
     return int(max(1, min(_MAX_AUTO_MICRO_BATCH, budget // per_image)))
-
-
-@dataclass
-class DecodeOutput:
-    """Images [B, H, W, 3] uint8 plus per-sample timing (ms; batch costs split evenly)."""
-
-    images: np.ndarray
-    text_ms: list[float]
-    decode_ms: list[float]
-    compile_ms: float
-    micro_batch: int
 
 
 class Decoder:

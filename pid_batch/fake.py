@@ -1,6 +1,7 @@
 """A stand-in decoder that sleeps a measured latency per image: the pipeline at scale without GPUs.
 
-`SleepDecoder` has the interface `stages.DecodeStage` uses of `decoder.Decoder`; it validates the
+`SleepDecoder` has the interface `actors.DecodeStage` uses of `decoder.Decoder` (without importing
+torch, so simulated actors start like light workers); it validates the
 same latent shapes, sleeps `latency_ms` per image (one device "busy" without using a CPU core) and
 returns a constant image of the output size. Select it with `model.fake_latency_ms` in a job.
 The default 211 ms/image is the per-image device time benchmarks/sim_scale.py simulates; pass a
@@ -13,10 +14,9 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 from pid_batch.config import CheckpointSpec
-from pid_batch.decoder import DecodeOutput, check_batch, net_config_for
+from pid_batch.sample_checks import DecodeOutput, check_batch, net_config_for
 
 DEFAULT_LATENCY_MS = 211.0
 _FILL = 127  # mid-grey: a constant image compresses to almost nothing in every format
@@ -43,7 +43,7 @@ class SleepDecoder:
         self.cfg = net_config_for(spec, preset)
         self.latency_ms = float(latency_ms)
         self.micro_batch = micro_batch
-        self.device = torch.device("cpu")
+        self.device = "cpu"
         self.text_encoder = None
         self.load_s = 0.0
 
@@ -57,7 +57,7 @@ class SleepDecoder:
         sigmas: Sequence[float],
         seeds: Sequence[int],
         captions: Sequence[str] | None = None,
-        caption_embs: torch.Tensor | None = None,
+        caption_embs=None,
         ids: Sequence[str] | None = None,
     ) -> DecodeOutput:
         """Sleep latency_ms × len(latents); return constant [B, H, W, 3] uint8 images."""

@@ -53,7 +53,7 @@ def _slug(label: str) -> str:
 
 def _net(variant: str) -> tuple[str, NetConfig]:
     """(variant name, config) for a variant name or a backbone name (newest checkpoint)."""
-    name = variant.removeprefix("tiny:")
+    name = variant.removeprefix("tiny:").removeprefix("demo:")
     if name in VARIANTS:
         return name, VARIANTS[name]
     try:
@@ -104,9 +104,9 @@ def latency_table_from_summary(
     """
     run = summary.get("run") or {}
     variant = variant or run.get("variant") or REFERENCE_VARIANT
-    if str(variant).startswith("tiny:"):
+    if str(variant).startswith(("tiny:", "demo:")):
         raise ValueError(
-            f"summary is from the tiny test preset ({variant!r}); its timings say nothing about full-size decoding"
+            f"summary is from a small preset ({variant!r}); its timings say nothing about full-size decoding"
         )
     steps = int(steps or run.get("steps") or REFERENCE_STEPS)
     if resolution is None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
 
 from pid_batch.config import CheckpointSpec, NetConfig, demo, tiny
 
@@ -74,3 +77,37 @@ def validate_latent_shape(
             f"{2048 // (spec.vae_scale * spec.sr_scale)}]); got shape {tuple(shape)}",
         )
     return height, width
+
+
+def check_batch(
+    spec: CheckpointSpec,
+    cfg: NetConfig,
+    preset: str,
+    latents: Sequence,
+    sigmas: Sequence[float],
+    seeds: Sequence[int],
+    ids: Sequence[str] | None,
+) -> tuple[list[str], int, int]:
+    """Validate one decode call's arguments; return (ids, H, W) of its single shape bucket."""
+    n = len(latents)
+    if not (len(sigmas) == len(seeds) == n):
+        raise ValueError(f"got {n} latents, {len(sigmas)} sigmas and {len(seeds)} seeds")
+    if n == 0:
+        raise ValueError("decode() needs at least one latent")
+    ids = list(ids) if ids is not None else [str(i) for i in range(n)]
+    shapes = {tuple(lat.shape) for lat in latents}
+    if len(shapes) != 1:
+        raise ValueError(f"decode() needs latents of one shape (bucket them); got {shapes}")
+    height, width = validate_latent_shape(spec, cfg, next(iter(shapes)), ids[0], preset == "full")
+    return ids, height, width
+
+
+@dataclass
+class DecodeOutput:
+    """Images [B, H, W, 3] uint8 plus per-sample timing (ms; batch costs split evenly)."""
+
+    images: np.ndarray
+    text_ms: list[float]
+    decode_ms: list[float]
+    compile_ms: float
+    micro_batch: int

@@ -21,7 +21,7 @@ def flux_tiny() -> ModelConfig:
 def test_sleep_decoder_shapes_and_latency():
     dec = SleepDecoder(flux_tiny().spec, "tiny", latency_ms=20)
     assert dec.cfg.lq_latent_channels == 16 and dec.accelerator == "fake"
-    assert dec.text_encoder is None and dec.device.type == "cpu"
+    assert dec.text_encoder is None and dec.device == "cpu"
     assert dec.micro_batch_for(64, 96) == 1
     lat = [np.zeros((16, 2, 3), np.float32)] * 3
     t0 = time.perf_counter()

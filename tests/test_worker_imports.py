@@ -21,6 +21,7 @@ TORCH_FREE = (
     "pid_batch.sample_checks",
     "pid_batch.stages",
     "pid_batch.pipeline",
+    "pid_batch.fake",  # simulated actors (benchmarks/sim_scale.py) start like light workers
 )
 
 
