@@ -122,6 +122,27 @@ def write_shards(
     return ids
 
 
+def run_probed(job, probe: type, probe_dir: str) -> tuple[float, float, dict, Any]:
+    """pipeline.run with DecodeActor wrapped by `probe`; (start, end, per-actor calls, result)."""
+    from pid_batch import pipeline
+    from pid_batch.summary import read_timing
+
+    probe_cls = type(
+        f"Probed{probe.__name__}", (probe, pipeline.DecodeActor), {"probe_dir": probe_dir}
+    )
+    original = pipeline.DecodeActor
+    pipeline.DecodeActor = probe_cls
+    try:
+        t0 = time.time()
+        result = pipeline.run(job, log=None)
+        t1 = time.time()
+    finally:
+        pipeline.DecodeActor = original
+    if result.exit_code:
+        raise RuntimeError(f"pipeline run failed: {result.summary.get('errors_by_reason')}")
+    return t0, t1, actor_calls(read_timing(job.output)), result
+
+
 def actor_calls(table) -> dict[str, list[tuple[float, float, int]]]:
     """Per actor: its decode calls as (start epoch s, seconds inside decode, rows), in order.
 
@@ -267,9 +288,7 @@ class _Probe:
 
 def mode_b(bucket: str, rep: int, batch: int, probe_dir: str) -> dict[str, Any]:
     """pid-batch's pipeline, loopback S3 in and out; busy from the timing table and the probe."""
-    from pid_batch import pipeline
     from pid_batch.job import JobConfig, OutputConfig, ResourceConfig
-    from pid_batch.summary import read_timing
 
     job = JobConfig(
         input=f"s3://{bucket}/in",
@@ -278,18 +297,7 @@ def mode_b(bucket: str, rep: int, batch: int, probe_dir: str) -> dict[str, Any]:
         images=OutputConfig(image_format=FORMAT, quality=QUALITY),
         resources=ResourceConfig(batch_size=batch),
     )
-    probe_cls = type("ProbedDecodeActor", (_Probe, pipeline.DecodeActor), {"probe_dir": probe_dir})
-    original = pipeline.DecodeActor
-    pipeline.DecodeActor = probe_cls
-    try:
-        t0 = time.time()
-        result = pipeline.run(job, log=None)
-        t1 = time.time()
-    finally:
-        pipeline.DecodeActor = original
-    if result.exit_code:
-        raise RuntimeError(f"pipeline run failed: {result.summary.get('errors_by_reason')}")
-    calls = actor_calls(read_timing(job.output))
+    t0, t1, calls, _ = run_probed(job, _Probe, probe_dir)
     per_actor = {a: busy_from_calls(c) for a, c in calls.items()}
     first = min(p["first_start"] for p in per_actor.values())
     last = max(p["last_end"] for p in per_actor.values())

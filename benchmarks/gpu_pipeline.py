@@ -39,11 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from busy_bench import (  # noqa: E402
     _Probe,
-    actor_calls,
     bench_env,
     busy_from_calls,
     machine,
     print_table,
+    run_probed,
     start_ray,
     write_shards,
 )
@@ -209,21 +209,7 @@ def steady(calls: list[tuple[float, float, int]]) -> list[tuple[float, float, in
 
 def mode_b(job, probe_dir: str) -> dict[str, Any]:
     """pid-batch's pipeline, local disk in and out, one decode actor; busy as in busy_bench."""
-    from pid_batch import pipeline
-    from pid_batch.summary import read_timing
-
-    probe_cls = type("GpuProbedActor", (_GpuProbe, pipeline.DecodeActor), {"probe_dir": probe_dir})
-    original = pipeline.DecodeActor
-    pipeline.DecodeActor = probe_cls
-    try:
-        t0 = time.time()
-        result = pipeline.run(job, log=None)
-        t1 = time.time()
-    finally:
-        pipeline.DecodeActor = original
-    if result.exit_code:
-        raise RuntimeError(f"pipeline run failed: {result.summary.get('errors_by_reason')}")
-    calls = actor_calls(read_timing(job.output))
+    t0, t1, calls, result = run_probed(job, _GpuProbe, probe_dir)
     whole = {a: busy_from_calls(c) for a, c in calls.items()}
     st = {a: busy_from_calls(steady(c)) for a, c in calls.items()}
     images = sum(p["images"] for p in st.values())

@@ -58,7 +58,7 @@ def test_smoke_end_to_end(tmp_path):
     out = tmp_path / "smoke.json"
     r = subprocess.run(
         [sys.executable, str(SCRIPT), "--smoke", "--json", str(out), "--tmp-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=150, cwd=ROOT,
+        capture_output=True, text=True, timeout=400, cwd=ROOT,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads(out.read_text())
