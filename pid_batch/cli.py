@@ -34,13 +34,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pid_batch import demo, pipeline
 
-    job = demo.demo_job(args.output)
-    demo.write_demo_shards(job.input, shards=args.shards, per_shard=args.per_shard)
-    print(demo.RANDOM_WEIGHTS_NOTICE, file=sys.stderr)
+    job = demo.demo_job(args.output, random_weights=args.random_weights)
+    if args.random_weights:
+        demo.write_demo_shards(job.input, shards=args.shards, per_shard=args.per_shard)
+        print(demo.RANDOM_WEIGHTS_NOTICE, file=sys.stderr)
+    else:
+        demo.write_bundled_samples(job.input)
+        print(demo.DEMO_NOTICE, file=sys.stderr)
     result = pipeline.run(job, num_cpus=args.num_cpus)
+    if not args.random_weights:
+        demo.write_baselines(job)
+        print("\n".join(demo.quality_lines()))
     print(
         f"images: {job.output}/images/  timing: {job.output}/timing/  summary: {job.output}/summary.json"
     )
+    if not args.random_weights:
+        print(
+            f"baseline (the demo autoencoder's own decode, 4x smaller): {job.output}/baseline/  "
+            f"side by side: pid-batch report {job.output}"
+        )
     return result.exit_code
 
 
@@ -151,11 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_run)
 
     d = sub.add_parser(
-        "demo", help="write sample latents and decode them with a tiny random-weight preset"
+        "demo", help="decode the bundled sample latents with the bundled CPU-trained demo decoder"
     )
     d.add_argument("--output", required=True, help="output folder (created)")
-    d.add_argument("--shards", type=int, default=2)
-    d.add_argument("--per-shard", type=int, default=4)
+    d.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="smoke test instead: tiny preset with random weights on random latents",
+    )
+    d.add_argument("--shards", type=int, default=2, help="with --random-weights")
+    d.add_argument("--per-shard", type=int, default=4, help="with --random-weights")
     d.add_argument(
         "--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)"
     )

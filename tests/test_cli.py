@@ -30,37 +30,79 @@ def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory) -> Path:
+    """The README's main job: bundled sample latents, bundled demo decoder."""
     out = tmp_path_factory.mktemp("demo")
-    r = cli("demo", "--output", str(out), "--num-cpus", "2", "--shards", "2", "--per-shard", "2")
+    r = cli("demo", "--output", str(out), "--num-cpus", "2", timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "RANDOM" in r.stderr  # says plainly that the weights are random
+    assert "demo autoencoder" in r.stderr and "official checkpoint" in r.stderr
+    assert "held-out quality" in r.stdout and "student" in r.stdout
     return out
 
 
-@pytest.mark.timeout(300)
-def test_demo_writes_images_timing_and_summary(demo_out):
+SAMPLES = 6  # bundled: 3 held-out photos + 3 training photos
+
+
+@pytest.mark.timeout(450)
+def test_demo_writes_images_baselines_timing_and_summary(demo_out):
     decoded = demo_out / "decoded"
-    assert len(list((decoded / "images").glob("*.jpg"))) == 4
+    images = sorted((decoded / "images").glob("*.jpg"))
+    assert len(images) == SAMPLES
+    assert len(list((decoded / "baseline").glob("*.png"))) == SAMPLES
     assert list((decoded / "timing").rglob("*.parquet"))
     summary = json.loads((decoded / "summary.json").read_text())
-    assert summary["ok"] == 4 and summary["error"] == 0
+    assert summary["ok"] == SAMPLES and summary["error"] == 0
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(450)
+def test_demo_images_are_recognisable_upscales_of_held_out_photos(demo_out):
+    """Each held-out output matches its own photo: correlated with it, far closer than to the others."""
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("skimage", reason="the train extra holds the ground-truth photos")
+    from PIL import Image
+
+    from pid_batch.train.data import HELD_OUT_IMAGES, centre_square, load_image
+    from pid_batch.train.evaluate import psnr
+
+    truths, outs = [], []
+    for image in HELD_OUT_IMAGES:
+        t = centre_square(load_image(image), 256)
+        truths.append(((t + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
+        with Image.open(demo_out / "decoded" / "images" / f"heldout-{image.name}.jpg") as im:
+            outs.append(np.asarray(im.convert("RGB")))
+    for i, (out, truth) in enumerate(zip(outs, truths)):
+        assert out.shape == truth.shape == (256, 256, 3)
+        name = HELD_OUT_IMAGES[i].name
+        grey = out.astype(np.float64).mean(-1).ravel()
+        corr = float(np.corrcoef(grey, truth.astype(np.float64).mean(-1).ravel())[0, 1])
+        assert corr > 0.5, (name, corr)  # noise or a flat fill: ~0
+        others = [psnr(out, t) for j, t in enumerate(truths) if j != i]
+        assert psnr(out, truth) > max(others) + 3, name
+
+
+@pytest.mark.timeout(450)
 def test_summary_report_inspect_on_demo_output(demo_out):
     decoded = str(demo_out / "decoded")
     r = cli("summary", decoded)
-    assert r.returncode == 0 and "samples 4  ok 4  error 0" in r.stdout
+    assert r.returncode == 0 and f"samples {SAMPLES}  ok {SAMPLES}  error 0" in r.stdout
     r = cli("summary", decoded, "--json")
-    assert json.loads(r.stdout)["ok"] == 4
+    assert json.loads(r.stdout)["ok"] == SAMPLES
     r = cli("report", decoded)
     assert r.returncode == 0, r.stderr[-2000:]
     index = Path(r.stdout.strip())
-    assert index.name == "index.html" and "<img" in index.read_text()
+    html = index.read_text()
+    assert index.name == "index.html" and "<img" in html and "baseline" in html
     r = cli("inspect", str(demo_out / "_demo_latents"), "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     d = json.loads(r.stdout)
-    assert d["samples"] == 4 and d["shards_found"] == 2
+    assert d["samples"] == SAMPLES and d["shards_found"] == 1
+
+
+def test_demo_random_weights_job_is_the_tiny_preset(tmp_path):
+    from pid_batch import demo
+
+    assert demo.demo_job(str(tmp_path), random_weights=True).model.preset == "tiny"
+    job = demo.demo_job(str(tmp_path))
+    assert job.model.preset == "demo" and job.model.checkpoint.endswith(".safetensors")
 
 
 def test_plan_prints_answer_and_assumptions(capsys):

@@ -1,0 +1,135 @@
+"""Stage 4: quality on held-out images, and the files bundled with the package.
+
+For each held-out image (centre square at `hr_size`): the ground truth, its 4x-downscaled view,
+the autoencoder's latent of that view, and four reconstructions at full size — bicubic upscaling
+of the true low-resolution image, bicubic upscaling of the autoencoder's own decode (what a user
+gets without PiD), the teacher (Euler ODE) and the bundled 4-step student (the inference sampler).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pid_batch import codecs
+from pid_batch.config import DEFAULT_T_LIST
+from pid_batch.model.demo_ae import DemoAutoencoder
+from pid_batch.model.pid_net import PidNet
+from pid_batch.sampling import per_sample_generators, sample, student_t_list, to_uint8
+from pid_batch.train.common import null_caption
+from pid_batch.train.data import SampleImage, centre_square, downscale, load_image, upscale
+from pid_batch.train.teacher import euler_sample
+
+METHODS = ("bicubic_true_lr", "bicubic_ae_decode", "teacher", "teacher_4step", "student")
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two uint8 images."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """SSIM of two uint8 HxWx3 images (scikit-image, Gaussian window, per channel)."""
+    from skimage.metrics import structural_similarity
+
+    return float(structural_similarity(a, b, channel_axis=2, data_range=255, gaussian_weights=True))
+
+
+@torch.no_grad()
+def reconstruct(
+    images: list[SampleImage],
+    ae: DemoAutoencoder,
+    student: PidNet,
+    teacher: PidNet | None,
+    hr_size: int = 256,
+    teacher_steps: int = 16,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """uint8 [N, hr, hr, 3] per method, plus 'ground_truth' and 'ae_decode' (low resolution)."""
+    hr = torch.stack([centre_square(load_image(i), hr_size) for i in images])  # [N, 3, S, S]
+    lr = downscale(hr)
+    lq = ae.encode(lr)
+    sigma = torch.zeros(len(images))
+    ae_dec = ae.decode(lq)
+    out = {
+        "ground_truth": to_uint8(hr),
+        "ae_decode": to_uint8(ae_dec),
+        "bicubic_true_lr": to_uint8(upscale(lr)),
+        "bicubic_ae_decode": to_uint8(upscale(ae_dec)),
+    }
+    gens = per_sample_generators([seed + i for i in range(len(images))], "cpu")
+    noise = torch.stack([torch.randn((3, hr_size, hr_size), generator=g) for g in gens])
+    y = null_caption(student.cfg, len(images))
+    ts = student_t_list(DEFAULT_T_LIST, 4)
+    out["student"] = to_uint8(sample(student, noise, y, lq, sigma, ts, generator=gens))
+    if teacher is not None:  # the undistilled teacher through the same 4-step sampler
+        gens = per_sample_generators([seed + i for i in range(len(images))], "cpu")
+        noise = torch.stack([torch.randn((3, hr_size, hr_size), generator=g) for g in gens])
+        out["teacher_4step"] = to_uint8(sample(teacher, noise, y, lq, sigma, ts, generator=gens))
+    if teacher is not None:
+        gen = torch.Generator().manual_seed(seed)
+        out["teacher"] = to_uint8(
+            euler_sample(teacher, lq, sigma, (hr_size, hr_size), teacher_steps, gen)
+        )
+    return out
+
+
+def quality_table(images: list[SampleImage], recon: dict[str, np.ndarray]) -> dict:
+    """PSNR/SSIM per image and mean, for every method present."""
+    gt = recon["ground_truth"]
+    table: dict = {"images": [i.name for i in images], "methods": {}}
+    for m in METHODS:
+        if m not in recon:
+            continue
+        p = [psnr(recon[m][i], gt[i]) for i in range(len(images))]
+        s = [ssim(recon[m][i], gt[i]) for i in range(len(images))]
+        table["methods"][m] = {
+            "psnr_db": [round(v, 3) for v in p],
+            "ssim": [round(v, 4) for v in s],
+            "mean_psnr_db": round(float(np.mean(p)), 3),
+            "mean_ssim": round(float(np.mean(s)), 4),
+        }
+    return table
+
+
+def contact_sheet(recon: dict[str, np.ndarray], path: Path) -> None:
+    """One row per image: AE decode (nearest up) | bicubic | teacher | teacher 4-step | student | truth."""
+    cols = ["ae_decode", "bicubic_ae_decode", "teacher", "teacher_4step", "student", "ground_truth"]
+    cols = [c for c in cols if c in recon]
+    n, s = recon["ground_truth"].shape[:2]
+    rows = []
+    for i in range(n):
+        cells = []
+        for c in cols:
+            img = recon[c][i]
+            if img.shape[0] != s:
+                f = s // img.shape[0]
+                img = img.repeat(f, axis=0).repeat(f, axis=1)
+            cells.append(img)
+        rows.append(np.concatenate(cells, axis=1))
+    sheet = np.concatenate(rows, axis=0)
+    path.write_bytes(codecs.encode_image(sheet, "png"))
+
+
+def write_quality(table: dict, path: Path, notes: dict) -> None:
+    """quality.json: the table plus how it was measured."""
+    path.write_text(json.dumps({**notes, **table}, indent=2) + "\n")
+
+
+def format_table(table: dict) -> str:
+    """Markdown table of mean PSNR / SSIM per method."""
+    lines = ["| method | PSNR (dB) | SSIM |", "|---|---|---|"]
+    for m, v in table["methods"].items():
+        lines.append(f"| {m} | {v['mean_psnr_db']:.2f} | {v['mean_ssim']:.4f} |")
+    return "\n".join(lines)
+
+
+def as_images(x: Tensor) -> np.ndarray:
+    """[B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3]."""
+    return to_uint8(x)
