@@ -286,7 +286,9 @@ class _Probe:
         return out
 
 
-def mode_b(bucket: str, rep: int, batch: int, probe_dir: str) -> dict[str, Any]:
+def mode_b(
+    bucket: str, rep: int, batch: int, probe_dir: str, prefetch: int | None = None
+) -> dict[str, Any]:
     """pid-batch's pipeline, loopback S3 in and out; busy from the timing table and the probe."""
     from pid_batch.job import JobConfig, OutputConfig, ResourceConfig
 
@@ -295,7 +297,9 @@ def mode_b(bucket: str, rep: int, batch: int, probe_dir: str) -> dict[str, Any]:
         output=f"s3://{bucket}/out-b-{rep}",
         model=_tiny_model(),
         images=OutputConfig(image_format=FORMAT, quality=QUALITY),
-        resources=ResourceConfig(batch_size=batch),
+        resources=ResourceConfig(batch_size=batch)
+        if prefetch is None
+        else ResourceConfig(batch_size=batch, prefetch_shards=prefetch),
     )
     t0, t1, calls, _ = run_probed(job, _Probe, probe_dir)
     per_actor = {a: busy_from_calls(c) for a, c in calls.items()}
@@ -450,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--modes", default="abcd")
     ap.add_argument("--json", help="write all results here")
+    ap.add_argument(
+        "--prefetch-shards", type=int, help="b: resources.prefetch_shards (default: the job's)"
+    )
     args = ap.parse_args(argv)
     bench_env(threads=1)
 
@@ -476,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
                 if m == "a":
                     r = mode_a(lat, args.batch_size)
                 elif m == "b":
-                    r = mode_b(bucket, rep, args.batch_size, probe_dir)
+                    r = mode_b(bucket, rep, args.batch_size, probe_dir, args.prefetch_shards)
                 elif m == "c":
                     r = mode_c(bucket, rep, dec_c, args.batch_size)
                 else:

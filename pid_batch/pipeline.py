@@ -105,16 +105,13 @@ def build_dataset(job: JobConfig, todo: list[dict[str, Any]]) -> ray.data.Datase
     # Let an autoscaling actor pool grow on small nodes (per-operator reservations otherwise
     # hold back the resources it would grow into; measured on a 2-core box).
     ctx.op_resource_reservation_enabled = False
-    # Decode tasks are whole shard blocks (seconds to minutes each). With Ray Data's default of
-    # 2 tasks queued per actor, a pool grows only once an actor holds 2 (utilization 2.0 >= the
-    # 1.75 threshold), and that second block is then committed to the busy actor: a new actor
-    # finds the queue already drained and is dropped before it runs (measured, 2 cores, a 1→2
-    # pool over 3 shards of 3 s: dropped in 2 of 2 runs; with the settings below it ran in 2 of
-    # 2, starting 6-7 s after the request). One task per actor leaves the backlog in the
-    # operator's queue for whichever actor frees up or starts first; at that cap the pool is
-    # full when every actor is busy, so grow at utilization 1.0 (VAE pool: same settings).
-    # Cost: a block is fetched only once the previous one is done (~0.2 s idle per shard on a
-    # loaded 2-core box vs ~0.05-0.09 s with 2 in flight): small next to a shard's decode time.
+    # Decode tasks are whole shard blocks (seconds to minutes each). Ray Data's actor autoscaler
+    # grows a pool at utilisation = tasks in flight / pool size >= 1.75 by default: with a
+    # second block queued per actor it grew only once actor 1 held two, the queue had drained
+    # into that busy actor, and the starting actor was dropped before it ran (measured, 2 cores,
+    # a 1→2 pool over 3 shards of 3 s: 2 of 2 runs). Growing at 1.0 asks for the next actor as
+    # soon as every actor is busy. How many blocks wait on a busy actor is
+    # resources.prefetch_shards (VAE pool: none, it is never the bottleneck).
     ctx.autoscaling_config = replace(
         ctx.autoscaling_config, actor_pool_util_upscaling_threshold=1.0
     )
@@ -144,7 +141,9 @@ def build_dataset(job: JobConfig, todo: list[dict[str, Any]]) -> ray.data.Datase
         DecodeActor,
         batch_size=res.batch_size,
         compute=ray.data.ActorPoolStrategy(
-            min_size=res.min_actors, max_size=res.max_actors, max_tasks_in_flight_per_actor=1
+            min_size=res.min_actors,
+            max_size=res.max_actors,
+            max_tasks_in_flight_per_actor=1 + res.prefetch_shards,
         ),
         fn_constructor_kwargs={"job": job},
         num_gpus=res.gpus_per_actor,
