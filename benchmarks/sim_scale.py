@@ -16,7 +16,7 @@ to a local file (process create time, __init__ start/end, call start/end, Decode
 it changes nothing else. Variants (`--variants`) patch the graph or Ray settings to test fixes.
 
     python benchmarks/sim_scale.py [--actors 1,4,8,16] [--duration 120] [--quick] [--json out.json]
-    python benchmarks/sim_scale.py --actors 16 --variants base,enc64+ecpu0.5,enc64+ecpu0.5+light
+    python benchmarks/sim_scale.py --actors 16 --variants base,enc64+ecpu0.5,enc64+ecpu0.5+pwrite
 """
 
 from __future__ import annotations
@@ -81,16 +81,16 @@ class _Probe:
 # -- variants -----------------------------------------------------------------------------------
 # A variant is tokens joined by "+": base (pipeline as is) | enc<N> (encode_batch_size N) |
 # ecpu<X> (encode_cpus X) | bs<N> (actor batch_size N) | read<X> (read tasks at X CPUs; the
-# pipeline hard-codes it) | light (a torch-free copy of the fake decode actor, to measure what
-# importing torch in every actor costs at start-up) | pwrite (encode_write with its object
-# writes on 8 threads; timing part still written after them). read/light/pwrite rewrite the
+# pipeline hard-codes it) | pwrite (encode_write with its object writes on 8 threads; timing
+# part still written after them). ("light", a torch-free copy of the fake actor, is gone: the
+# SleepDecoder actor itself imports no torch since session 2.) read/pwrite rewrite the
 # matching map_batches calls of pipeline.build_dataset while it builds the graph.
 
 
 def _variant(name: str) -> tuple[dict[str, Any], Any]:
     """(ResourceConfig overrides, build_dataset patch or None) for a variant name."""
     res: dict[str, Any] = {}
-    read_cpus, light, pwrite = None, False, False
+    read_cpus, pwrite = None, False
     for tok in name.split("+"):
         if tok == "base":
             continue
@@ -102,79 +102,12 @@ def _variant(name: str) -> tuple[dict[str, Any], Any]:
             res["batch_size"] = int(tok[2:])
         elif tok.startswith("read"):
             read_cpus = float(tok[4:])
-        elif tok == "light":
-            light = True
         elif tok == "pwrite":
             pwrite = True
         else:
             raise ValueError(f"unknown variant token {tok!r} in {name!r}")
-    patch = _graph_copy(read_cpus, light, pwrite) if (read_cpus or light or pwrite) else None
+    patch = _graph_copy(read_cpus, pwrite) if (read_cpus or pwrite) else None
     return res, patch
-
-
-class _LightSleepActor:
-    """Torch-free stand-in for DecodeActor+SleepDecoder (same output columns), with the probe.
-
-    Defined here so it pickles by value: its process imports Ray Data and pid_batch.job only.
-    """
-
-    probe_dir = ""
-
-    def __init__(self, job):
-        import socket
-
-        import psutil
-
-        t0 = time.time()
-        self.latency_s = job.model.fake_latency_ms / 1000
-        self.actor = f"{socket.gethostname()}:{os.getpid()}"
-        self.node = socket.gethostname()
-        self.busy_s = 0.0
-        self._log = Path(self.probe_dir, f"{os.getpid()}.jsonl")
-        self._emit(
-            ev="init", created=psutil.Process().create_time(), init_start=t0, init_end=time.time()
-        )
-
-    def _emit(self, **rec):
-        with open(self._log, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-
-    def __call__(self, batch):
-        import numpy as np
-
-        t0 = time.time()
-        n = len(batch["id"])
-        out = {k: v for k, v in batch.items() if k not in ("latent", "shape")}
-        status = np.array([str(v) for v in batch["status"]], dtype=object)
-        images = np.empty(n, dtype=object)
-        images[:] = [b""] * n
-        decode_ms = np.zeros(n, np.float32)
-        pend = [i for i in range(n) if status[i] == "pending"]
-        b0 = time.perf_counter()
-        time.sleep(self.latency_s * len(pend))
-        busy = time.perf_counter() - b0
-        for i in pend:
-            h, w = int(batch["height"][i]), int(batch["width"][i])
-            images[i] = bytes([127]) * (h * w * 3)
-            decode_ms[i] = busy * 1000 / len(pend)
-            status[i] = "ok"
-        out.update(
-            status=status,
-            error=np.array([v if isinstance(v, str) else None for v in batch["error"]], object),
-            image=images,
-            decode_ms=decode_ms,
-            text_ms=np.zeros(n, np.float32),
-            micro_batch=np.ones(n, np.int32),
-            queue_ms=np.maximum(0.0, (t0 - batch["read_done_at"].astype(np.float64)) * 1000).astype(
-                np.float32
-            ),
-            decode_started_at=np.full(n, t0),
-            node=np.full(n, self.node, dtype=object),
-            accelerator=np.full(n, "fake", dtype=object),
-            actor=np.full(n, self.actor, dtype=object),
-        )
-        self._emit(ev="call", start=t0, end=time.time(), busy=busy, n=n)
-        return out
 
 
 def _encode_write_pwrite(batch, job):
@@ -207,11 +140,11 @@ def _encode_write_pwrite(batch, job):
             f.result()
 
 
-def _graph_copy(read_cpus: float | None, light: bool, pwrite: bool = False):
+def _graph_copy(read_cpus: float | None, pwrite: bool = False):
     """pipeline.build_dataset as it is, with some of its map_batches calls rewritten.
 
     Wraps Dataset.map_batches while the graph is built, so the variant follows the pipeline's
-    current graph: the read stage's num_cpus, the decode actor class, the encode function.
+    current graph: the read stage's num_cpus and the encode function.
     """
 
     def patch(pipeline, probe_dir: str):
@@ -220,7 +153,6 @@ def _graph_copy(read_cpus: float | None, light: bool, pwrite: bool = False):
         from pid_batch import stages
 
         real_build = pipeline.build_dataset
-        light_cls = type("LightSleepActor", (_LightSleepActor,), {"probe_dir": probe_dir})
         reads = {getattr(stages, n) for n in ("read_shard", "read_images") if hasattr(stages, n)}
 
         def build_dataset(job, todo):
@@ -229,8 +161,6 @@ def _graph_copy(read_cpus: float | None, light: bool, pwrite: bool = False):
             def map_batches(self, fn, *args, **kwargs):
                 if fn in reads and read_cpus is not None:
                     kwargs["num_cpus"] = read_cpus
-                elif fn is pipeline.DecodeActor and light:
-                    fn = light_cls
                 elif fn is stages.encode_write and pwrite:
                     fn = _encode_write_pwrite
                 return real_map(self, fn, *args, **kwargs)
