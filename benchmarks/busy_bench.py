@@ -299,7 +299,7 @@ def mode_b(
         images=OutputConfig(image_format=FORMAT, quality=QUALITY),
         resources=ResourceConfig(batch_size=batch)
         if prefetch is None
-        else ResourceConfig(batch_size=batch, prefetch_shards=prefetch),
+        else ResourceConfig(batch_size=batch, prefetch_batches=prefetch),
     )
     t0, t1, calls, _ = run_probed(job, _Probe, probe_dir)
     per_actor = {a: busy_from_calls(c) for a, c in calls.items()}
@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="abcd")
     ap.add_argument("--json", help="write all results here")
     ap.add_argument(
-        "--prefetch-shards", type=int, help="b: resources.prefetch_shards (default: the job's)"
+        "--prefetch-batches", type=int, help="b: resources.prefetch_batches (default: the job's)"
     )
     args = ap.parse_args(argv)
     bench_env(threads=1)
@@ -483,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
                 if m == "a":
                     r = mode_a(lat, args.batch_size)
                 elif m == "b":
-                    r = mode_b(bucket, rep, args.batch_size, probe_dir, args.prefetch_shards)
+                    r = mode_b(bucket, rep, args.batch_size, probe_dir, args.prefetch_batches)
                 elif m == "c":
                     r = mode_c(bucket, rep, dec_c, args.batch_size)
                 else:

@@ -167,10 +167,10 @@ class ResourceConfig:
     encode_batch_size: int = 16
     # Pin decode actors to one accelerator class of cluster.yaml (custom resource accel_<name>).
     accelerator: str | None = None
-    # Shard blocks queued on a decode actor behind the one it runs (Ray Data's tasks in flight
-    # per actor minus one): 1 fetches the next shard while the current one decodes; 0 leaves
-    # every waiting shard to whichever actor is free first (benchmarks/README.md §1).
-    prefetch_shards: int = 1
+    # Batches queued on a decode actor behind the one it runs (Ray Data's tasks in flight per
+    # actor minus one): 1 hands over the next batch while the current one decodes; 0 leaves
+    # every waiting batch to whichever actor is free first (benchmarks/README.md §1).
+    prefetch_batches: int = 1
 
     def __post_init__(self) -> None:
         if self.accelerator is not None and not self.accelerator.replace("_", "").isalnum():
@@ -186,8 +186,10 @@ class ResourceConfig:
                 f"cpus_per_actor={self.cpus_per_actor!r}, encode_cpus={self.encode_cpus!r} "
                 "must be non-negative (encode_cpus > 0)"
             )
-        if self.prefetch_shards not in (0, 1, 2, 3):
-            raise JobConfigError(f"resources.prefetch_shards={self.prefetch_shards!r}; valid: 0-3")
+        if self.prefetch_batches not in (0, 1, 2, 3):
+            raise JobConfigError(
+                f"resources.prefetch_batches={self.prefetch_batches!r}; valid: 0-3"
+            )
         if self.batch_size < 1 or self.micro_batch < 0 or self.encode_batch_size < 1:
             raise JobConfigError(
                 f"resources: batch_size={self.batch_size!r} and encode_batch_size="

@@ -22,6 +22,7 @@ from typing import Any, TextIO
 # Bind a local Ray to 127.0.0.1 only; must precede `import ray` (otherwise it listens on all interfaces).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
 from pid_batch import reader, resume, storage, writer  # noqa: E402
@@ -39,6 +40,7 @@ _FORWARDED_ENV = (
 
 
 DECODE_TASK_RETRIES = 2
+READ_CPUS = 0.5  # reads are IO and parsing
 
 
 class DecodeActor:
@@ -98,8 +100,10 @@ def check_output(job: JobConfig) -> None:
         storage.write_json_atomic(uri, want)
 
 
-def build_dataset(job: JobConfig, todo: list[dict[str, Any]]) -> ray.data.Dataset:
-    """The streaming graph over the shards still to do."""
+def build_dataset(
+    job: JobConfig, todo: list[dict[str, Any]], dups: ray.ObjectRef | None = None
+) -> ray.data.Dataset:
+    """The streaming graph over the shards still to do (dups: start_duplicate_scan's ref)."""
     res = job.resources
     ctx = ray.data.DataContext.get_current()
     # Let an autoscaling actor pool grow on small nodes (per-operator reservations otherwise
@@ -110,8 +114,8 @@ def build_dataset(job: JobConfig, todo: list[dict[str, Any]]) -> ray.data.Datase
     # second block queued per actor it grew only once actor 1 held two, the queue had drained
     # into that busy actor, and the starting actor was dropped before it ran (measured, 2 cores,
     # a 1→2 pool over 3 shards of 3 s: 2 of 2 runs). Growing at 1.0 asks for the next actor as
-    # soon as every actor is busy. How many blocks wait on a busy actor is
-    # resources.prefetch_shards (VAE pool: none, it is never the bottleneck).
+    # soon as every actor is busy. How many blocks (batches) wait on a busy actor is
+    # resources.prefetch_batches (VAE pool: none, it is never the bottleneck).
     ctx.autoscaling_config = replace(
         ctx.autoscaling_config, actor_pool_util_upscaling_threshold=1.0
     )
@@ -122,9 +126,17 @@ def build_dataset(job: JobConfig, todo: list[dict[str, Any]]) -> ray.data.Datase
     # actors idle (measured: 64-128 small shards landed in 2-6 blocks).
     ds = ray.data.from_items(todo, override_num_blocks=max(1, len(todo)))
     read = reader.read_images if job.input_kind == "images" else reader.read_shard
-    # Reads are IO and parsing: half a CPU each. The differing request also keeps Ray Data from
-    # fusing the read into the decode actor, so the decoder never waits on storage.
-    ds = ds.map_batches(read, batch_size=1, fn_kwargs={"job": job}, num_cpus=0.5)
+    # Reads at READ_CPUS: the request differs from the decode actor's, which keeps Ray Data from
+    # fusing the read into the actor, so the decoder never waits on storage...
+    read_kwargs = {"job": job} if job.input_kind == "images" else {"job": job, "duplicates": dups}
+    ds = ds.map_batches(read, batch_size=1, fn_kwargs=read_kwargs, num_cpus=READ_CPUS)
+    # ...and is cut into blocks of one actor batch (fused into the read task). A decode task is
+    # then one call, so at the end of a job no actor sits on a queue of a whole shard while
+    # others idle, and the encode stage receives rows as each call ends, not per shard.
+    # (Measured, simulated N = 16 on 2 cores, shards of 64 = 4 calls: the last actor finished
+    # its last shard 6-8 s after the first ran dry, and 16 shards of images reached the
+    # encoders in one burst.)
+    ds = _split_blocks(ds, rows=res.batch_size, num_cpus=READ_CPUS)
     if job.input_kind == "images" or job.images.baseline:
         ds = ds.map_batches(
             VaeActor,
@@ -143,7 +155,7 @@ def build_dataset(job: JobConfig, todo: list[dict[str, Any]]) -> ray.data.Datase
         compute=ray.data.ActorPoolStrategy(
             min_size=res.min_actors,
             max_size=res.max_actors,
-            max_tasks_in_flight_per_actor=1 + res.prefetch_shards,
+            max_tasks_in_flight_per_actor=1 + res.prefetch_batches,
         ),
         fn_constructor_kwargs={"job": job},
         num_gpus=res.gpus_per_actor,
@@ -164,21 +176,36 @@ def build_dataset(job: JobConfig, todo: list[dict[str, Any]]) -> ray.data.Datase
     return ds
 
 
-def find_duplicate_ids(job: JobConfig) -> dict[str, tuple[list[int], list[str]]]:
-    """Ids that occur in more than one shard (done shards included): every occurrence after the
-    first becomes an error row. Reads only ids (safetensors headers), one task per 16 shards;
-    the driver holds one Arrow row per sample (~30 B): fine to ~1e8 samples."""
-    import pyarrow as pa
+def _split_blocks(ds: ray.data.Dataset, rows: int, num_cpus: float) -> ray.data.Dataset:
+    """ds.repartition(target_num_rows_per_block=rows), fused into the task that made ds.
 
+    Ray 2.60's repartition takes no resource arguments and the planner fuses it only into an
+    upstream map with equal ones; without this it runs as a separate 1-CPU task that copies
+    every shard once more (tests/test_pipeline.py checks the fused plan).
+    """
+    ds = ds.repartition(target_num_rows_per_block=rows)
+    object.__setattr__(ds._logical_plan.dag, "ray_remote_args", {"num_cpus": num_cpus})
+    return ds
+
+
+def start_duplicate_scan(job: JobConfig) -> ray.ObjectRef | None:
+    """Start finding ids that occur in more than one shard (done shards included); every
+    occurrence after the first becomes an error row. Returns a ref to resume.duplicate_reasons'
+    {shard key: (indices, reasons)}, None for fewer than two shards.
+
+    Plain Ray tasks (one per 16 shards, safetensors headers only) that run while the decode
+    actors boot; the read tasks wait for the result. The combining task holds one Arrow row per
+    sample (~30 B): fine to ~1e8 samples. (A Ray Data pass before the job cost ~5 s of start-up
+    on every run, measured on 2 cores.)
+    """
     uris = storage.list_files(job.input, suffixes=(".safetensors", ".parquet"))
     if len(uris) < 2:
-        return {}  # repeats inside one shard are already error rows
+        return None  # repeats inside one shard are already error rows
     keys = [shard_key(job.input, u) for u in uris]
-    items = [{"order": i, "shard": u} for i, u in enumerate(uris)]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 16, 1024)))
-    ds = ds.map_batches(resume.list_ids, batch_size=16, num_cpus=0.25)
-    tables = [b for b in ds.iter_batches(batch_size=None, batch_format="pyarrow") if b.num_rows]
-    return resume.duplicate_reasons(pa.concat_tables(tables), keys) if tables else {}
+    chunks = np.array_split(np.arange(len(uris)), max(1, min(len(uris) // 16, 1024)))
+    list_ids = ray.remote(num_cpus=0.25)(resume.list_ids)
+    parts = [list_ids.remote({"order": c, "shard": [uris[i] for i in c]}) for c in chunks]
+    return ray.remote(num_cpus=0.25)(resume.duplicates_in_parts).remote(keys, *parts)
 
 
 def ensure_ray(job: JobConfig, **init_kwargs: Any) -> None:
@@ -205,12 +232,9 @@ def run(job: JobConfig, *, log: TextIO | None = sys.stderr, **init_kwargs: Any) 
     todo, skipped = resume.plan_shards(job)
     ensure_ray(job, **init_kwargs)
     result = RunResult(summary={}, shards_skipped=skipped)
-    if todo and job.input_kind != "images":
-        dups = find_duplicate_ids(job)
-        for t in todo:
-            t["dup_index"], t["dup_reason"] = dups.get(t["key"], ([], []))
     if todo:
-        ds = build_dataset(job, todo)
+        dups = start_duplicate_scan(job) if job.input_kind != "images" else None
+        ds = build_dataset(job, todo, dups)
         progress = _Progress(log, shards=len(todo))
         seen: dict[str, int] = defaultdict(int)
         seen_ids: dict[str, set[str]] = defaultdict(set)  # shards still open only

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import time
+from typing import Any
 
 import numpy as np
 
@@ -61,20 +62,35 @@ def _columns(rows: dict[str, list]) -> Batch:
     return out
 
 
-def read_shard(batch: Batch, job: JobConfig) -> Batch:
-    """Read shards (rows of shard URI, key, done ids) into one row per sample still to do."""
+_DUPLICATES: dict[bytes, dict] = {}  # per read worker: the job's duplicate table, fetched once
+
+
+def _duplicate_table(ref: Any) -> dict[str, tuple[list[int], list[str]]]:
+    """pipeline.start_duplicate_scan's result (waits for the scan); {} without one."""
+    if ref is None or isinstance(ref, dict):
+        return ref or {}
+    if ref.binary() not in _DUPLICATES:
+        import ray
+
+        _DUPLICATES.clear()
+        _DUPLICATES[ref.binary()] = ray.get(ref)
+    return _DUPLICATES[ref.binary()]
+
+
+def read_shard(batch: Batch, job: JobConfig, duplicates: Any = None) -> Batch:
+    """Read shards (rows of shard URI, key, done ids) into one row per sample still to do.
+
+    duplicates: {shard key: (indices, reasons)} of samples to report as duplicates, or a Ray
+    ref to it (pipeline.start_duplicate_scan).
+    """
     spec = job.model.spec
     cfg = net_config_for(spec, job.model.preset)
     trained_sizes_only = job.model.preset == "full"
     rows = _empty_rows()
-    n = len(batch["shard"])
-    dup_index = batch.get("dup_index", [None] * n)
-    dup_reason = batch.get("dup_reason", [None] * n)
-    for uri, key, done, d_index, d_reason in zip(
-        batch["shard"], batch["key"], batch["done_ids"], dup_index, dup_reason
-    ):
+    dup_table = _duplicate_table(duplicates)
+    for uri, key, done in zip(batch["shard"], batch["key"], batch["done_ids"]):
         done = set(done) if done is not None else set()
-        dups = dict(zip(d_index, d_reason)) if d_index is not None else {}
+        dups = dict(zip(*dup_table.get(str(key), ([], []))))
         t0 = time.perf_counter()
         try:
             samples = codecs.read_shard(storage.read_bytes(uri), uri)

@@ -100,6 +100,14 @@ def list_ids(batch: Batch) -> Batch:
     }
 
 
+def duplicates_in_parts(keys: list[str], *parts: Batch) -> dict[str, tuple[list[int], list[str]]]:
+    """duplicate_reasons over list_ids' outputs (one Ray task combines them)."""
+    import pyarrow as pa
+
+    tables = [pa.table(dict(p)) for p in parts if len(p["id"])]
+    return duplicate_reasons(pa.concat_tables(tables), keys) if tables else {}
+
+
 def duplicate_reasons(table, keys: list[str]) -> dict[str, tuple[list[int], list[str]]]:
     """shard key → (indices, reasons) of each id's occurrences after its first in another shard.
 

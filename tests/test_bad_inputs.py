@@ -297,7 +297,7 @@ def test_absurd_but_real_latent_is_refused_before_decode(tmp_path):
         ({"model": {"preset": "tiny"}, "resources": {"batch_size": "8"}}, "must be int"),
         ({"model": {"preset": "tiny"}, "sampling": {"caption": 5}}, "must be str"),
         ({"model": {"preset": "tiny"}, "surprise": 1}, "unknown key"),
-        ({"model": {"preset": "tiny"}, "resources": {"prefetch_shards": 7}}, "prefetch_shards"),
+        ({"model": {"preset": "tiny"}, "resources": {"prefetch_batches": 7}}, "prefetch_batches"),
     ],
 )
 def test_config_errors_before_any_work(tmp_path, spec, match):

@@ -293,7 +293,7 @@ def test_tar_layout_one_tar_per_shard_and_rerun(local_ray, tmp_path):
 
 def test_actor_pool_grows_under_load(local_ray, tmp_path):
     """min_actors=1, max_actors=2: with a queue of shards the pool starts its second actor."""
-    # Each shard is one decode task (8 × 300 ms). The pool grows once its first actor is busy;
+    # Each shard is one batch, so one decode task (8 × 300 ms). The pool grows once its first actor is busy;
     # the second must start before the other 5 shards have all gone to the first (~12 s;
     # starting an actor took 4.5-7 s on a loaded 2-core box).
     inp, out = str(tmp_path / "in"), str(tmp_path / "out")
@@ -303,9 +303,27 @@ def test_actor_pool_grows_under_load(local_ray, tmp_path):
         output=out,
         model=ModelConfig(backbone="flux", ckpt_type="2k", preset="tiny", fake_latency_ms=300),
         images=OutputConfig(image_format="jpeg"),
-        resources=ResourceConfig(batch_size=1, min_actors=1, max_actors=2, cpus_per_actor=0.25),
+        resources=ResourceConfig(batch_size=8, min_actors=1, max_actors=2, cpus_per_actor=0.25),
     )
     result = pipeline.run(job, log=None)
     assert result.exit_code == 0 and result.processed == len(ids)
     actors = set(read_timing(out).column("actor").to_pylist())
     assert len(actors) == 2, actors
+
+
+def test_shards_are_cut_into_batch_blocks_inside_the_read_task(local_ray):
+    """Decode tasks are one batch, not one shard; the cut costs no extra task (fused)."""
+    from ray.data._internal.logical.optimizers import get_execution_plan
+
+    job = tiny_job("/nowhere/in", "/nowhere/out", batch_size=4)
+    ds = pipeline.build_dataset(job, [{"shard": "/nowhere/in/a.safetensors", "key": "a"}])
+    op, names = get_execution_plan(ds._logical_plan)[0].dag, []
+    while op is not None:
+        names.append(op.name)
+        op = op.input_dependencies[0] if op.input_dependencies else None
+    assert names[::-1] == [
+        "Input",
+        "MapBatches(read_shard)->StreamingRepartition[num_rows_per_block=4,strict=False]",
+        "MapBatches(DecodeActor)",
+        "MapBatches(encode_write)",
+    ]
