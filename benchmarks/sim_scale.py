@@ -17,6 +17,11 @@ it changes nothing else. Variants (`--variants`) patch the graph or Ray settings
 
     python benchmarks/sim_scale.py [--actors 1,4,8,16] [--duration 120] [--quick] [--json out.json]
     python benchmarks/sim_scale.py --actors 16 --variants base,enc64+ecpu0.5,enc64+ecpu0.5+pwrite
+    python benchmarks/sim_scale.py --actors 16 --variants raydata,base    # vs bare Ray Data
+
+Variant "raydata" runs the same N sleeping actors in a bare Ray Data script (no storage, no
+encode, no timing rows, blocks of one batch): the busy fraction any Ray Data pipeline can reach
+on this machine; the script prints pipeline / raydata for each N measured in the same run.
 """
 
 from __future__ import annotations
@@ -79,7 +84,9 @@ class _Probe:
 
 
 # -- variants -----------------------------------------------------------------------------------
-# A variant is tokens joined by "+": base (pipeline as is) | enc<N> (encode_batch_size N) |
+# "raydata" is not the pipeline: the same N sleeping actors in a bare Ray Data script
+# (run_reference), the reference the pipeline's busy fraction is compared with.
+# Any other variant is tokens joined by "+": base (pipeline as is) | enc<N> (encode_batch_size N) |
 # ecpu<X> (encode_cpus X) | bs<N> (actor batch_size N) | read<X> (read tasks at X CPUs; the
 # pipeline hard-codes it) | pwrite (encode_write with its object writes on 8 threads; timing
 # part still written after them). ("light", a torch-free copy of the fake actor, is gone: the
@@ -249,6 +256,62 @@ def run_once(
     }
 
 
+class _SleepUDF:
+    """The reference's actor: sleeps latency_ms per row, logs like _Probe, nothing else."""
+
+    def __init__(self, probe_dir: str, latency_ms: float):
+        import psutil
+
+        t0 = time.time()
+        self._log = Path(probe_dir, f"{os.getpid()}.jsonl")
+        self._s = latency_ms / 1000
+        self._emit(ev="init", created=psutil.Process().create_time(), init_start=t0, init_end=t0)
+
+    def _emit(self, **rec):
+        with open(self._log, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def __call__(self, batch):
+        t0 = time.time()
+        time.sleep(self._s * len(batch["id"]))
+        t1 = time.time()
+        self._emit(ev="call", start=t0, end=t1, busy=t1 - t0, n=len(batch["id"]))
+        return {"id": batch["id"]}
+
+
+def run_reference(n_actors: int, images: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The same N sleeping actors in a bare Ray Data script: no storage, no encode, no timing
+    rows, blocks of one batch, a fixed pool. What any Ray Data pipeline can reach here."""
+    import ray
+
+    probe_dir = tempfile.mkdtemp(prefix="pidprobe-")
+    ray_s = start_ray()
+    try:
+        ds = ray.data.range(images, override_num_blocks=max(1, images // args.batch_size))
+        ds = ds.map_batches(
+            _SleepUDF,
+            batch_size=args.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=n_actors),
+            fn_constructor_args=(probe_dir, args.latency_ms),
+            num_cpus=args.cpus_per_actor,
+        )
+        t0 = time.time()
+        rows = sum(len(b["id"]) for b in ds.iter_batches(batch_size=None))
+        t1 = time.time()
+    finally:
+        ray.shutdown()
+    if rows != images:
+        raise RuntimeError(f"reference run returned {rows}/{images} rows")
+    return analyse(None, probe_dir, t0, t1, n_actors) | {
+        "variant": "raydata",
+        "actors": n_actors,
+        "images": images,
+        "ray_init_s": ray_s,
+        "resources": {"cpus_per_actor": args.cpus_per_actor, "batch_size": args.batch_size},
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
+
+
 def analyse(table, probe_dir: str, t0: float, t1: float, n_actors: int) -> dict[str, Any]:
     """Busy fractions and where each actor slot's time went (seconds summed over actors)."""
     wall = t1 - t0
@@ -289,27 +352,16 @@ def analyse(table, probe_dir: str, t0: float, t1: float, n_actors: int) -> dict[
     # Actors that never started (no probe file) lose the whole run.
     parts["never_started"] = (n_actors - len(probes)) * wall
     slot_s = n_actors * wall
-    # The timing table's own view (no probe): busy from started_at + decode_ms per actor.
-    tt = [busy_from_calls(c) for c in actor_calls(table).values()]
-    col = {
-        c: table.column(c).to_numpy(zero_copy_only=False)
-        for c in ("read_ms", "queue_ms", "encode_ms", "write_ms")
-    }
-    return {
+    out = {
         "wall_s": wall,
         "busy_whole": parts["busy"] / slot_s,
         "busy_steady_mean": statistics.mean(steady) if steady else 0.0,
         "busy_steady_min": min(steady) if steady else 0.0,
-        "busy_timing_table": statistics.mean(b["busy"] for b in tt) if tt else 0.0,
         "actors_seen": len(probes),
         "slot_fractions": {k: v / slot_s for k, v in parts.items()},
-        "img_per_s": table.num_rows / wall,
+        "img_per_s": sum(r["n"] for recs in probes.values() for r in recs if r["ev"] == "call")
+        / wall,
         "ideal_img_per_s": n_actors * 1000 / LATENCY_MS,
-        # CPU-seconds the other stages spent per second of run (one core = 1.0).
-        "stage_load": {
-            k[:-3]: float(v.sum()) / 1000 / wall for k, v in col.items() if k != "queue_ms"
-        },
-        "queue_ms_p50": float(statistics.median(col["queue_ms"].tolist())),
         "first_decode_after_s": min(
             (r["start"] for recs in probes.values() for r in recs if r["ev"] == "call"),
             default=t1,
@@ -320,13 +372,29 @@ def analyse(table, probe_dir: str, t0: float, t1: float, n_actors: int) -> dict[
             default=t0,
         )
         - t0,
-        "last_row_finished_after_s": max(
-            v.timestamp() for v in table.column("finished_at").to_pylist()
-        )
-        - t0,
         "last_actor_ready_after_s": max(
             (r["init_end"] for recs in probes.values() for r in recs if r["ev"] == "init"),
             default=t1,
+        )
+        - t0,
+    }
+    if table is None:  # the bare Ray Data reference writes no timing rows
+        return out
+    # The timing table's own view (no probe): busy from started_at + decode_ms per actor.
+    tt = [busy_from_calls(c) for c in actor_calls(table).values()]
+    col = {
+        c: table.column(c).to_numpy(zero_copy_only=False)
+        for c in ("read_ms", "queue_ms", "encode_ms", "write_ms")
+    }
+    return out | {
+        "busy_timing_table": statistics.mean(b["busy"] for b in tt) if tt else 0.0,
+        # CPU-seconds the other stages spent per second of run (one core = 1.0).
+        "stage_load": {
+            k[:-3]: float(v.sum()) / 1000 / wall for k, v in col.items() if k != "queue_ms"
+        },
+        "queue_ms_p50": float(statistics.median(col["queue_ms"].tolist())),
+        "last_row_finished_after_s": max(
+            v.timestamp() for v in table.column("finished_at").to_pylist()
         )
         - t0,
     }
@@ -360,7 +428,10 @@ def main(argv: list[str] | None = None) -> int:
             for variant in args.variants.split(","):
                 for n in (int(x) for x in args.actors.split(",")):
                     images = int(round(args.duration * 1000 / args.latency_ms * n))
-                    r = run_once(n, variant, images, args, url) | {"repeat": rep}
+                    if variant == "raydata":
+                        r = run_reference(n, images, args) | {"repeat": rep}
+                    else:
+                        r = run_once(n, variant, images, args, url) | {"repeat": rep}
                     results.append(r)
                     sf = r["slot_fractions"]
                     print(
@@ -407,6 +478,14 @@ def main(argv: list[str] | None = None) -> int:
     print_table(
         ["variant", "N", "images", "run s", "busy whole", "busy steady", *keys, "img/s"], rows
     )
+    ref = {n: rs for (v, n), rs in groups.items() if v == "raydata"}
+    for (variant, n), rs in groups.items():
+        if variant != "raydata" and n in ref:
+            mine = statistics.mean(r["busy_whole"] for r in rs)
+            base = statistics.mean(r["busy_whole"] for r in ref[n])
+            print(
+                f"N={n}: busy whole {variant} / raydata = {mine:.3f} / {base:.3f} = {mine / base:.3f}"
+            )
     if args.json:
         out = {
             "machine": machine(),
