@@ -82,6 +82,10 @@ def start_ray(num_cpus: int = 2, object_store_mb: int = 1024, **kwargs: Any) -> 
     """A local Ray (loopback, no dashboard); returns the seconds ray.init took."""
     import ray
 
+    from pid_batch.pipeline import LOCAL_RAY_ENV
+
+    for k, v in LOCAL_RAY_ENV.items():  # as a Ray that pipeline.run starts itself
+        os.environ.setdefault(k, v)
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     t0 = time.perf_counter()
     ray.init(

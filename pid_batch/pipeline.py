@@ -39,6 +39,15 @@ _FORWARDED_ENV = (
 )
 
 
+# Set for a Ray that run() starts itself (the raylet reads them from its environment; a user's
+# own value wins). Ray keeps only as many idle worker processes as it has free CPUs and kills
+# the rest after 1 s; decode actors hold CPUs while they wait on the accelerator, so on small
+# machines read and encode workers were killed between tasks and later tasks paid for a new
+# Python process and its imports (simulated N = 16 on 2 cores: encodes started up to 9 s after
+# their batch was decoded; under 2 s with idle workers kept for 60 s). cluster.yaml sets the
+# same on its nodes.
+LOCAL_RAY_ENV = {"RAY_idle_worker_killing_time_threshold_ms": "60000"}
+
 DECODE_TASK_RETRIES = 2
 READ_CPUS = 0.5  # reads are IO and parsing
 
@@ -213,6 +222,9 @@ def ensure_ray(job: JobConfig, **init_kwargs: Any) -> None:
     if ray.is_initialized():
         return
     address = job.ray_address or os.environ.get("RAY_ADDRESS")
+    if address is None:
+        for k, v in LOCAL_RAY_ENV.items():
+            os.environ.setdefault(k, v)
     # Workers on other nodes do not share the driver's environment: pass the S3 endpoint and
     # region (never credentials: nodes use their own AWS chain) to every worker of this job.
     env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}

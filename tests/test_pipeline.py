@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
@@ -327,3 +329,51 @@ def test_shards_are_cut_into_batch_blocks_inside_the_read_task(local_ray):
         "MapBatches(DecodeActor)",
         "MapBatches(encode_write)",
     ]
+
+
+def test_local_ray_keeps_idle_workers_between_bursts():
+    """A Ray that run() starts keeps idle task workers while an actor holds most CPUs: the
+    second burst of tasks after a pause runs in the same processes. (Ray's default keeps only
+    as many idle workers as there are free CPUs, here 0.5, and kills the rest after 1 s: both
+    are new processes, measured.)"""
+    import subprocess
+    import sys
+
+    code = """
+import os, time
+from pid_batch import pipeline
+from pid_batch.job import JobConfig, ModelConfig
+import ray
+job = JobConfig(input="in", output="out", model=ModelConfig(preset="tiny"))
+pipeline.ensure_ray(job, num_cpus=2, object_store_memory=80 * 2**20)
+
+@ray.remote(num_cpus=1.5)
+class Hold:  # a decode actor's CPU share
+    def ping(self):
+        return os.getpid()
+
+@ray.remote(num_cpus=0.25)
+def pid():
+    time.sleep(1.0)
+    return os.getpid()
+
+hold = Hold.remote()
+ray.get(hold.ping.remote())
+first = set(ray.get([pid.remote() for _ in range(2)]))
+time.sleep(4)
+second = set(ray.get([pid.remote() for _ in range(2)]))
+print(len(first), len(second - first))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    started, new = map(int, out.stdout.split()[-2:])
+    assert started == 2 and new == 0, out.stdout
