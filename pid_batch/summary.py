@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,9 @@ def error_reason(message: str | None) -> str:
 STAGES = ("read_ms", "queue_ms", "text_ms", "decode_ms", "encode_ms", "write_ms")
 
 
+READ_THREADS = 32
+
+
 def read_timing(out: str) -> pa.Table:
     """All timing parts under `<out>/timing/`, one row per sample id (the latest attempt wins)."""
     try:
@@ -38,10 +42,15 @@ def read_timing(out: str) -> pa.Table:
         from pid_batch.codecs import TIMING_SCHEMA
 
         return TIMING_SCHEMA.empty_table()
-    table = pa.concat_tables(
-        [pq.read_table(io.BytesIO(storage.read_bytes(u))) for u in parts], promote_options="default"
-    )
-    return latest_per_id(table)
+    # One part per encode batch (~60,000 for a million samples): read them side by side, the
+    # time is round trips (sequential: 2.3 s for 570 local parts on 2 cores, measured).
+    with ThreadPoolExecutor(min(READ_THREADS, len(parts))) as pool:
+        tables = list(pool.map(_read_part, parts))
+    return latest_per_id(pa.concat_tables(tables, promote_options="default"))
+
+
+def _read_part(uri: str) -> pa.Table:
+    return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
 
 
 def latest_per_id(table: pa.Table) -> pa.Table:
