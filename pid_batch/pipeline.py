@@ -1,13 +1,14 @@
 """The Ray Data graph — the only module (with jobs/) that imports Ray.
 
-shard listing ─▶ read_shard (CPU tasks, one block per shard)
+shard listing ─▶ read_shard (CPU tasks: a shard in, blocks of one actor batch out; they wait
+             │   for the duplicate-id scan, plain Ray tasks started beside the job)
              ─▶ DecodeActor (actor pool, warm Decoder, micro-batches per accelerator)
              ─▶ encode_write (CPU tasks: image objects, then timing parts)
              ─▶ driver: progress, per-shard done markers, summary.json
 
 Torch-free at import: a Ray worker imports the module of the function or class it runs, so the
 CPU tasks' functions come from reader/resume/writer and the actors import `actors` (torch) only
-when they start.
+when they start. (reader's read tasks call ray.get on the scan's result, inside Ray workers.)
 """
 
 from __future__ import annotations
@@ -118,11 +119,11 @@ def build_dataset(
     # Let an autoscaling actor pool grow on small nodes (per-operator reservations otherwise
     # hold back the resources it would grow into; measured on a 2-core box).
     ctx.op_resource_reservation_enabled = False
-    # Decode tasks are whole shard blocks (seconds to minutes each). Ray Data's actor autoscaler
-    # grows a pool at utilisation = tasks in flight / pool size >= 1.75 by default: with a
-    # second block queued per actor it grew only once actor 1 held two, the queue had drained
-    # into that busy actor, and the starting actor was dropped before it ran (measured, 2 cores,
-    # a 1→2 pool over 3 shards of 3 s: 2 of 2 runs). Growing at 1.0 asks for the next actor as
+    # Decode tasks are one batch each (seconds). Ray Data's actor autoscaler grows a pool at
+    # utilisation = tasks in flight / pool size >= 1.75 by default: with a second block queued
+    # per actor it grew only once actor 1 held two, the queue had drained into that busy actor,
+    # and the starting actor was dropped before it ran (measured, 2 cores, a 1→2 pool over 3
+    # blocks of 3 s: 2 of 2 runs). Growing at 1.0 asks for the next actor as
     # soon as every actor is busy. How many blocks (batches) wait on a busy actor is
     # resources.prefetch_batches (VAE pool: none, it is never the bottleneck).
     ctx.autoscaling_config = replace(
