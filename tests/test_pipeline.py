@@ -364,8 +364,9 @@ time.sleep(4)
 second = set(ray.get([pid.remote() for _ in range(2)]))
 print(len(first), len(second - first))
 """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    for k in ("RAY_ADDRESS", *pipeline.LOCAL_RAY_ENV):  # a fresh local Ray with run()'s settings
+        env.pop(k, None)
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
