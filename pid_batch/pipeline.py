@@ -123,9 +123,9 @@ def build_dataset(
     # utilisation = tasks in flight / pool size >= 1.75 by default: with a second block queued
     # per actor it grew only once actor 1 held two, the queue had drained into that busy actor,
     # and the starting actor was dropped before it ran (measured, 2 cores, a 1→2 pool over 3
-    # blocks of 3 s: 2 of 2 runs). Growing at 1.0 asks for the next actor as
-    # soon as every actor is busy. How many blocks (batches) wait on a busy actor is
-    # resources.prefetch_batches (VAE pool: none, it is never the bottleneck).
+    # blocks of 3 s: 2 of 2 runs). Growing at 1.0 asks for the next actor as soon as every
+    # actor is busy. How many batches wait on a busy actor is resources.prefetch_batches (VAE
+    # pool: none, it is never the bottleneck).
     ctx.autoscaling_config = replace(
         ctx.autoscaling_config, actor_pool_util_upscaling_threshold=1.0
     )
