@@ -28,7 +28,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pid_batch.job import load_job
 
     job = load_job(args.job, _parse_set(args.set))
-    return pipeline.run(job).exit_code
+    return pipeline.run(job, force_takeover=args.force_takeover).exit_code
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -159,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("job", help="job spec YAML (see jobs/examples/)")
     r.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a spec key"
+    )
+    r.add_argument(
+        "--force-takeover",
+        action="store_true",
+        help="take the output's lease from a driver you know is gone (see `pid-batch run` errors)",
     )
     r.set_defaults(fn=cmd_run)
 

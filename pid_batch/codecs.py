@@ -295,7 +295,7 @@ def _shape_errors(shape: tuple[int, ...], limits: ShardLimits) -> list[str]:
     return []
 
 
-def _stem(name: str) -> str:
+def id_stem(name: str) -> str:
     """A shard's file name without its suffix, key-safe: the prefix of ids it has to invent."""
     return sanitize_id(
         re.sub(r"(?i)\.(safetensors|parquet)$", "", name.rstrip("/").rsplit("/", 1)[-1])
@@ -308,10 +308,14 @@ def _sample_id(raw: object, stem: str, index: int) -> str:
 
 
 def _samples(
-    name: str, cols: dict[str, list], latents: list[_Tensor | str], limits: ShardLimits
+    name: str,
+    cols: dict[str, list],
+    latents: list[_Tensor | str],
+    limits: ShardLimits,
+    stem: str | None,
 ) -> list[LatentSample]:
     """LatentSamples from per-sample fields and [1, ...] latent views (or why a latent is bad)."""
-    stem = _stem(name)
+    stem = stem or id_stem(name)
     seen: dict[str, int] = {}
     out = []
     for i, src in enumerate(latents):
@@ -373,7 +377,9 @@ def _vector(
     return t.to_numpy().tolist()
 
 
-def _read_safetensors(data: bytes, name: str, limits: ShardLimits) -> list[LatentSample]:
+def _read_safetensors(
+    data: bytes, name: str, limits: ShardLimits, stem: str | None
+) -> list[LatentSample]:
     tensors, meta = _parse_safetensors(data, name)
     lat = tensors.get("latents")
     if lat is None or lat.dtype not in _FLOAT_ST or len(lat.shape) < 1:
@@ -398,10 +404,12 @@ def _read_safetensors(data: bytes, name: str, limits: ShardLimits) -> list[Laten
     views = [
         _Tensor(lat.dtype, (1, *lat.shape[1:]), lat.raw[i * per : (i + 1) * per]) for i in range(n)
     ]
-    return _samples(name, cols, views, limits)
+    return _samples(name, cols, views, limits, stem)
 
 
-def _read_parquet(data: bytes, name: str, limits: ShardLimits) -> list[LatentSample]:
+def _read_parquet(
+    data: bytes, name: str, limits: ShardLimits, stem: str | None
+) -> list[LatentSample]:
     try:
         table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowException, OSError) as e:
@@ -418,7 +426,7 @@ def _read_parquet(data: bytes, name: str, limits: ShardLimits) -> list[LatentSam
     views = [
         _row_latent(*row) for row in zip(cols["latent"], cols["shape"], cols["dtype"], strict=True)
     ]
-    return _samples(name, cols, views, limits)
+    return _samples(name, cols, views, limits, stem)
 
 
 def _row_latent(raw: object, shape: object, dtype: object) -> _Tensor | str:
@@ -449,10 +457,10 @@ def safetensors_header_bytes(prefix: bytes, name: str = "<shard>") -> int:
     return SAFETENSORS_PREFIX_BYTES + n
 
 
-def read_shard_ids(data: bytes, name: str) -> list[str]:
+def read_shard_ids(data: bytes, name: str, stem: str | None = None) -> list[str]:
     """Sample ids as read_shard assigns them, cheaply: a safetensors shard needs only its header
     (see safetensors_header_bytes), a Parquet shard only its `id` column is decoded."""
-    stem = _stem(name)
+    stem = stem or id_stem(name)
     if name.lower().endswith(".safetensors"):
         end = safetensors_header_bytes(data, name)
         if len(data) < end:
@@ -482,14 +490,21 @@ def read_shard_ids(data: bytes, name: str) -> list[str]:
     return [_sample_id(r, stem, i) for i, r in enumerate(raw)]
 
 
-def read_shard(data: bytes, name: str, limits: ShardLimits | None = None) -> list[LatentSample]:
-    """Samples of a .safetensors or .parquet latent shard; ShardError if the shard is unreadable."""
+def read_shard(
+    data: bytes, name: str, limits: ShardLimits | None = None, stem: str | None = None
+) -> list[LatentSample]:
+    """Samples of a .safetensors or .parquet latent shard; ShardError if the shard is unreadable.
+
+    stem: the prefix of the ids given to samples without one ('<stem>-000000', ...); default
+    the file name without its suffix (the pipeline passes one derived from the shard key, which
+    is unique per input path).
+    """
     limits = limits or ShardLimits()
     lower = name.lower()
     if lower.endswith(".safetensors"):
-        return _read_safetensors(data, name, limits)
+        return _read_safetensors(data, name, limits, stem)
     if lower.endswith(".parquet"):
-        return _read_parquet(data, name, limits)
+        return _read_parquet(data, name, limits, stem)
     raise ShardError(name, f"unknown shard type; expected one of {SHARD_SUFFIXES}")
 
 
@@ -602,6 +617,9 @@ TIMING_SCHEMA = pa.schema(
         pa.field("baseline_ms", _MS),  # native VAE decode of the same latent
         pa.field("baseline_bytes", pa.int64()),
         pa.field("baseline_output", pa.string()),
+        # The input shard's identity when this row was made (resume.fingerprint): rows of an
+        # earlier content of the same shard are superseded. Null in tables written before it.
+        pa.field("input_fingerprint", pa.string()),
     ],
     metadata={"pid_batch.timing_version": "1"},
 )

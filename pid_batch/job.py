@@ -19,6 +19,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 IMAGE_FORMATS = ("jpeg", "png", "webp")
 LATENT_FORMATS = ("pid", "diffusers")
 PRESETS = ("full", "tiny", "demo")
+# What a rerun does with a shard whose content changed since it was decoded (a different
+# fingerprint: size and modification time/ETag): decode it again, its old rows, marker and tar
+# superseded, or refuse to start and name the changed shards.
+CHANGED_INPUTS = ("redo", "refuse")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -211,6 +215,7 @@ class JobConfig:
     # "images": the input holds PNG/JPEG/WebP files, VAE-encoded to latents first.
     input_kind: str = "latents"
     images_per_shard: int = 64  # image inputs are grouped into pseudo-shards of this size
+    changed_inputs: str = "redo"  # see CHANGED_INPUTS
 
     def __post_init__(self) -> None:
         if self.input_kind not in INPUT_KINDS:
@@ -239,8 +244,11 @@ class JobConfig:
             value = getattr(self, key)
             if not isinstance(value, str) or not value:
                 raise JobConfigError(f"{key} must be a non-empty URI or path; got {value!r}")
-        if _norm(self.input) == _norm(self.output):
-            raise JobConfigError(f"output {self.output!r} must differ from input {self.input!r}")
+        if self.changed_inputs not in CHANGED_INPUTS:
+            raise JobConfigError(
+                f"changed_inputs={self.changed_inputs!r}; valid: {CHANGED_INPUTS}"
+            )
+        check_disjoint(self.input, self.output)
 
     def manifest(self) -> dict[str, Any]:
         """What an output prefix was produced with; a rerun must match it to resume."""
@@ -261,7 +269,26 @@ class JobConfig:
 
 
 def _norm(uri: str) -> str:
-    return uri.rstrip("/").removeprefix("file://")
+    """A URI as a comparable path: s3://bucket/key, or an absolute local path (links resolved)."""
+    if uri.startswith("s3://"):
+        return "s3://" + "/".join(p for p in uri[5:].split("/") if p not in ("", "."))
+    path = uri.removeprefix("file://")
+    return os.path.realpath(os.path.expanduser(path)) if "://" not in path else path
+
+
+def check_disjoint(input_uri: str, output_uri: str) -> None:
+    """Refuse an output inside the input (its timing Parquet would be read back as shards) or an
+    input inside the output (a rerun would list its own outputs), after normalising both."""
+    a, b = _norm(input_uri), _norm(output_uri)
+    if a == b:
+        raise JobConfigError(f"output {output_uri!r} must differ from input {input_uri!r}")
+    for inner, outer, what in ((b, a, "output"), (a, b, "input")):
+        if inner.startswith(outer.rstrip("/") + "/"):
+            other = "input" if what == "output" else "output"
+            raise JobConfigError(
+                f"{what} {inner!r} lies inside the {other} {outer!r}; input and output "
+                "prefixes must not overlap"
+            )
 
 
 _SECTIONS = {

@@ -21,20 +21,38 @@ def sample_seed(job_seed: int, sample_id: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+def relative(input_uri: str, uri: str) -> str:
+    """uri's path below the input prefix (the whole uri if it is not below it)."""
+    base = input_uri.rstrip("/")
+    if uri == base:  # the input is this one file
+        return uri.rsplit("/", 1)[-1]
+    return uri[len(base) + 1 :] if uri.startswith(base + "/") else uri
+
+
 def shard_key(input_uri: str, shard_uri: str) -> str:
-    """A shard's name under the output prefix: its path relative to the input, made key-safe."""
-    rel = (
-        shard_uri[len(input_uri.rstrip("/")) + 1 :]
-        if shard_uri.startswith(input_uri)
-        else shard_uri
-    )
-    return codecs.sanitize_id(rel.replace("/", "__"))
+    """A shard's name under the output prefix, injective over input paths.
+
+    A file directly under the input keeps its sanitised name (codecs.sanitize_id: unchanged
+    names never contain '--', changed ones end in '--' + a hash of the name). A file in a
+    sub-folder becomes '<folders__name>--<12 hex of sha256(relative path)><suffix>': the hash
+    tells `k/c.safetensors` from a file named `k__c.safetensors`, and the suffix stays last so
+    ids derived from the key read like the file's. resume.plan_shards still refuses any two
+    shards whose keys coincide.
+    """
+    rel = relative(input_uri, shard_uri)
+    if "/" not in rel:
+        return codecs.sanitize_id(rel)
+    root, ext = os.path.splitext(rel)
+    if ext.lower() not in codecs.SHARD_SUFFIXES:
+        root, ext = rel, ""
+    digest = hashlib.sha256(rel.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    flat = codecs.sanitize_id(root.replace("/", "__"))
+    return f"{flat[: codecs.MAX_ID_CHARS - 14 - len(ext)]}--{digest}{ext}"
 
 
 def image_sample_id(input_uri: str, uri: str) -> str:
     """An image input's id: its path under the input prefix, without extension, key-safe."""
-    rel = uri[len(input_uri.rstrip("/")) + 1 :] if uri.startswith(input_uri) else uri
-    return codecs.sanitize_id(os.path.splitext(rel)[0].replace("/", "__"))
+    return codecs.sanitize_id(os.path.splitext(relative(input_uri, uri))[0].replace("/", "__"))
 
 
 def image_uri(out: str, sample_id: str, fmt: str) -> str:
@@ -47,9 +65,11 @@ def timing_dir(out: str, key: str) -> str:
     return storage.join(out, "timing", key)
 
 
-def marker_uri(out: str, key: str) -> str:
-    """<out>/_done/<shard key>.json: written last, once every sample of the shard is ok."""
-    return storage.join(out, "_done", f"{key}.json")
+def marker_uri(out: str, key: str, fingerprint: str) -> str:
+    """<out>/_done/<shard key>/<input fingerprint>.json: written last, once every sample of the
+    shard, as it was when fingerprinted, has an ok row. (Outputs written before fingerprints
+    have <out>/_done/<shard key>.json: see resume.plan_shards.)"""
+    return storage.join(out, "_done", key, f"{fingerprint}.json")
 
 
 def staging_uri(out: str, key: str, part: str) -> str:

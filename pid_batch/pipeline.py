@@ -26,10 +26,15 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
-from pid_batch import reader, resume, storage, writer  # noqa: E402
+from pid_batch import lease, reader, resume, storage, writer  # noqa: E402
 from pid_batch.job import JobConfig, JobConfigError  # noqa: E402
-from pid_batch.layout import shard_key  # noqa: E402
-from pid_batch.summary import format_summary, read_timing, summarize  # noqa: E402
+from pid_batch.summary import (  # noqa: E402
+    format_summary,
+    latest_per_id,
+    orphans,
+    read_timing_parts,
+    summarize,
+)
 
 _FORWARDED_ENV = (
     "AWS_ENDPOINT_URL",
@@ -198,7 +203,7 @@ def _split_blocks(ds: ray.data.Dataset, rows: int, num_cpus: float) -> ray.data.
     return ds
 
 
-def start_duplicate_scan(job: JobConfig) -> ray.ObjectRef | None:
+def start_duplicate_scan(shards: list[resume.Shard]) -> ray.ObjectRef | None:
     """Start finding ids that occur in more than one shard (done shards included); every
     occurrence after the first becomes an error row. Returns a ref to resume.duplicate_reasons'
     {shard key: (indices, reasons)}, None for fewer than two shards.
@@ -208,13 +213,17 @@ def start_duplicate_scan(job: JobConfig) -> ray.ObjectRef | None:
     sample (~30 B): fine to ~1e8 samples. (A Ray Data pass before the job cost ~5 s of start-up
     on every run, measured on 2 cores.)
     """
-    uris = storage.list_files(job.input, suffixes=(".safetensors", ".parquet"))
-    if len(uris) < 2:
+    if len(shards) < 2:
         return None  # repeats inside one shard are already error rows
-    keys = [shard_key(job.input, u) for u in uris]
-    chunks = np.array_split(np.arange(len(uris)), max(1, min(len(uris) // 16, 1024)))
+    keys = [s.key for s in shards]
+    chunks = np.array_split(np.arange(len(shards)), max(1, min(len(shards) // 16, 1024)))
     list_ids = ray.remote(num_cpus=0.25)(resume.list_ids)
-    parts = [list_ids.remote({"order": c, "shard": [uris[i] for i in c]}) for c in chunks]
+    parts = [
+        list_ids.remote(
+            {"order": c, "shard": [shards[i].uri for i in c], "key": [keys[i] for i in c]}
+        )
+        for c in chunks
+    ]
     return ray.remote(num_cpus=0.25)(resume.duplicates_in_parts).remote(keys, *parts)
 
 
@@ -238,15 +247,34 @@ def ensure_ray(job: JobConfig, **init_kwargs: Any) -> None:
     ray.init(address=address, **kwargs)
 
 
-def run(job: JobConfig, *, log: TextIO | None = sys.stderr, **init_kwargs: Any) -> RunResult:
-    """Run a decode job to completion; resumable: rerunning skips what is already done."""
+def run(
+    job: JobConfig,
+    *,
+    log: TextIO | None = sys.stderr,
+    force_takeover: bool = False,
+    **init_kwargs: Any,
+) -> RunResult:
+    """Run a decode job to completion; resumable: rerunning skips what is already done.
+
+    One driver per output: the output's lease (pid_batch.lease) refuses a second one while the
+    first lives; force_takeover takes it from a driver known to be gone.
+    """
     t0 = time.time()
+    plan = resume.plan_shards(job)  # reads only: refuses empty input, colliding or changed shards
+    with lease.hold(job.output, force=force_takeover):
+        return _run(job, plan, t0, log, init_kwargs)
+
+
+def _run(
+    job: JobConfig, plan: resume.Plan, t0: float, log: TextIO | None, init_kwargs: dict
+) -> RunResult:
     check_output(job)
-    todo, skipped = resume.plan_shards(job)
+    resume.supersede(job, plan.changed)
+    todo = plan.todo
     ensure_ray(job, **init_kwargs)
-    result = RunResult(summary={}, shards_skipped=skipped)
+    result = RunResult(summary={}, shards_skipped=plan.skipped)
     if todo:
-        dups = start_duplicate_scan(job) if job.input_kind != "images" else None
+        dups = start_duplicate_scan(plan.shards) if job.input_kind != "images" else None
         ds = build_dataset(job, todo, dups)
         progress = _Progress(log, shards=len(todo))
         seen: dict[str, int] = defaultdict(int)
@@ -254,6 +282,7 @@ def run(job: JobConfig, *, log: TextIO | None = sys.stderr, **init_kwargs: Any) 
         finished: set[str] = set()
         failed: dict[str, int] = defaultdict(int)
         finish = ray.remote(num_cpus=0.5, max_retries=3)(writer.finish_shard)
+        fps = {item["key"]: item["fingerprint"] for item in todo}
         finishing = []
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for sid, key, pending, status in zip(
@@ -270,7 +299,7 @@ def run(job: JobConfig, *, log: TextIO | None = sys.stderr, **init_kwargs: Any) 
                     result.shards_done += 1
                     finished.add(key)
                     seen_ids.pop(key, None)
-                    finishing.append(finish.remote(job, key, not failed[key]))
+                    finishing.append(finish.remote(job, key, fps[key], not failed[key]))
             progress.update(result)
         # Batches that failed for good (e.g. a sample that kills the decoder on every retry)
         # were skipped by Ray Data; their samples become error rows instead of vanishing.
@@ -280,12 +309,13 @@ def run(job: JobConfig, *, log: TextIO | None = sys.stderr, **init_kwargs: Any) 
                 result.processed += len(lost)
                 result.errors += len(lost)
                 result.error_ids += lost
-                finishing.append(finish.remote(job, item["key"], False))
+                finishing.append(finish.remote(job, item["key"], item["fingerprint"], False))
         ray.get(
             finishing
         )  # tar merges and done markers: off the driver, awaited before the summary
         progress.close(result)
-    table = read_timing(job.output)
+    raw = read_timing_parts(job.output)
+    table = latest_per_id(raw, current=plan.current)
     result.wall_s = time.time() - t0
     result.summary = summarize(
         table,
@@ -296,8 +326,10 @@ def run(job: JobConfig, *, log: TextIO | None = sys.stderr, **init_kwargs: Any) 
                 "errors": result.errors,
                 "shards_skipped": result.shards_skipped,
                 "wall_s": round(result.wall_s, 3),
+                "shards_changed": len(plan.changed),
             },
         },
+        orphans=orphans(raw, plan.current),
     )
     storage.write_json_atomic(storage.join(job.output, "summary.json"), result.summary)
     if log:

@@ -17,7 +17,7 @@ from pid_batch import codecs, storage
 from pid_batch.config import CheckpointSpec, resolve_checkpoint
 from pid_batch.conventions import to_pid_array
 from pid_batch.job import JobConfig
-from pid_batch.layout import Batch, image_sample_id, marker_uri, objects, sample_seed
+from pid_batch.layout import Batch, image_sample_id, objects, sample_seed
 from pid_batch.sample_checks import SampleError, net_config_for, validate_latent_shape
 from pid_batch.writer import finish_shard
 
@@ -37,11 +37,12 @@ ROW_COLUMNS = (
     "width",
     "read_ms",
     "read_done_at",
+    "fingerprint",
 )
 
 _BYTES_COLUMNS = ("latent", "pixels")  # raw float32 latent / uint8 HWC image of an image input
 _SHAPE_COLUMNS = ("shape", "pshape")
-_STR_COLUMNS = {"id", "shard", "status", "error", "backbone", "caption", "crop"}
+_STR_COLUMNS = {"id", "shard", "status", "error", "backbone", "caption", "crop", "fingerprint"}
 
 
 def _empty_rows() -> dict[str, list]:
@@ -88,12 +89,14 @@ def read_shard(batch: Batch, job: JobConfig, duplicates: Any = None) -> Batch:
     trained_sizes_only = job.model.preset == "full"
     rows = _empty_rows()
     dup_table = _duplicate_table(duplicates)
-    for uri, key, done in zip(batch["shard"], batch["key"], batch["done_ids"]):
+    for uri, key, fp, done in zip(
+        batch["shard"], batch["key"], batch["fingerprint"], batch["done_ids"]
+    ):
         done = set(done) if done is not None else set()
         dups = dict(zip(*dup_table.get(str(key), ([], []))))
         t0 = time.perf_counter()
         try:
-            samples = codecs.read_shard(storage.read_bytes(uri), uri)
+            samples = codecs.read_shard(storage.read_bytes(uri), uri, stem=codecs.id_stem(key))
         except Exception as e:  # whole shard unreadable: one error row stands for it
             _add(
                 rows,
@@ -103,6 +106,7 @@ def read_shard(batch: Batch, job: JobConfig, duplicates: Any = None) -> Batch:
                 "error",
                 f"shard unreadable: {storage.redact(str(e))}",
                 spec,
+                fp,
             )
             rows["read_ms"][-1] = (time.perf_counter() - t0) * 1000
             _finish_shard(rows, 1)
@@ -111,16 +115,13 @@ def read_shard(batch: Batch, job: JobConfig, duplicates: Any = None) -> Batch:
         # Bad samples are re-emitted every run (no decode): their error rows stay current and
         # the shard never gets a done marker while one of its samples is wrong.
         pending = [s for s in samples if s.id not in done or s.error or s.index in dups]
-        if not pending:
-            storage.write_json_atomic(
-                marker_uri(job.output, key),
-                {"shard": uri, "samples": len(samples), "ok": len(samples)},
-            )
+        if not pending:  # every sample has an ok row: a crash came before the marker
+            finish_shard(job, key, fp, all_ok=True)
             continue
         n0 = len(rows["id"])
         for s in pending:
             if s.error or s.index in dups:
-                _add(rows, key, s.id, s.index, "error", s.error or dups[s.index], spec)
+                _add(rows, key, s.id, s.index, "error", s.error or dups[s.index], spec, fp)
             else:
                 try:
                     backbone = s.backbone or spec.backbone
@@ -139,9 +140,9 @@ def read_shard(batch: Batch, job: JobConfig, duplicates: Any = None) -> Batch:
                     )
                     h, w = validate_latent_shape(spec, cfg, lq.shape, s.id, trained_sizes_only)
                 except (ValueError, TypeError) as e:
-                    _add(rows, key, s.id, s.index, "error", storage.redact(str(e)), spec)
+                    _add(rows, key, s.id, s.index, "error", storage.redact(str(e)), spec, fp)
                 else:
-                    _add(rows, key, s.id, s.index, "pending", None, spec)
+                    _add(rows, key, s.id, s.index, "pending", None, spec, fp)
                     rows["backbone"][-1] = backbone
                     rows["caption"][-1] = (
                         s.caption if s.caption is not None else job.sampling.caption
@@ -158,8 +159,9 @@ def read_shard(batch: Batch, job: JobConfig, duplicates: Any = None) -> Batch:
     return _columns(rows)
 
 
-def _add(rows, key, sample_id, index, status, error, spec: CheckpointSpec) -> None:
+def _add(rows, key, sample_id, index, status, error, spec: CheckpointSpec, fp: str) -> None:
     rows["id"].append(sample_id)
+    rows["fingerprint"].append(fp)
     rows["shard"].append(key)
     rows["index"].append(int(index))
     rows["shard_pending"].append(0)
@@ -192,7 +194,9 @@ def read_images(batch: Batch, job: JobConfig) -> Batch:
 
     spec = job.model.spec
     rows = _empty_rows()
-    for key, files, done in zip(batch["key"], batch["files"], batch["done_ids"]):
+    for key, files, fp, done in zip(
+        batch["key"], batch["files"], batch["fingerprint"], batch["done_ids"]
+    ):
         done = set(done) if done is not None else set()
         n0 = len(rows["id"])
         for index, uri in enumerate(files):
@@ -212,21 +216,17 @@ def read_images(batch: Batch, job: JobConfig) -> Batch:
                     "error",
                     f"sample {sample_id!r}: unreadable image: {storage.redact(str(e))}",
                     spec,
+                    fp,
                 )
             else:
-                _add(rows, key, sample_id, index, "encode", None, spec)
+                _add(rows, key, sample_id, index, "encode", None, spec, fp)
                 rows["caption"][-1] = job.sampling.caption
                 rows["sigma"][-1] = float(job.sampling.sigma)
                 rows["seed"][-1] = sample_seed(job.sampling.seed, sample_id)
                 rows["pixels"][-1] = pixels.tobytes()
                 rows["pshape"][-1] = list(pixels.shape)
             rows["read_ms"][-1] = (time.perf_counter() - t0) * 1000
-        if len(rows["id"]) == n0:
-            _mark_shard_done(job, key, len(files))
+        if len(rows["id"]) == n0:  # every image has an ok row: a crash came before the marker
+            finish_shard(job, key, fp, all_ok=True)
         _finish_shard(rows, len(rows["id"]) - n0)
     return _columns(rows)
-
-
-def _mark_shard_done(job: JobConfig, key: str, samples: int) -> None:
-    """Every sample of the shard already has an ok row (a crash came before its marker)."""
-    finish_shard(job, key, all_ok=True)

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import time
 import uuid
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,76 +18,226 @@ import pyarrow.parquet as pq
 
 from pid_batch import codecs, storage
 from pid_batch.job import IMAGE_SUFFIXES, JobConfig, JobConfigError
-from pid_batch.layout import Batch, image_sample_id, objects, shard_key, timing_dir
+from pid_batch.layout import (
+    Batch,
+    image_sample_id,
+    objects,
+    relative,
+    shard_key,
+    tar_uri,
+    timing_dir,
+)
 
 
-def plan_shards(job: JobConfig) -> tuple[list[dict[str, Any]], int]:
-    """Shards still to do (with their already-done ids) and the count of shards already done.
+@dataclass
+class Shard:
+    """One input shard as planned: URI, output key, identity, and (image inputs) its files."""
+
+    uri: str
+    key: str
+    fingerprint: str
+    files: list[str] | None = None  # image inputs: the pseudo-shard's image files
+
+    def task(self, done: list[str]) -> dict[str, Any]:
+        """The row the read stage gets for this shard (done: ids with a current ok row)."""
+        return {
+            "shard": self.uri,
+            "key": self.key,
+            "files": self.files,
+            "fingerprint": self.fingerprint,
+            "done_ids": done,
+        }
+
+
+@dataclass
+class Plan:
+    """What a run has to do, decided from one listing of the input and of the output's markers."""
+
+    shards: list[Shard]  # every current input shard, in listing order
+    todo: list[dict[str, Any]]  # read-stage rows of the shards still to do (Shard.task)
+    skipped: int  # shards already done with this content
+    changed: list[Shard] = field(default_factory=list)  # done or begun with other content
+
+    @property
+    def current(self) -> dict[str, str]:
+        """shard key → fingerprint of the input as listed now (summary keeps only these rows)."""
+        return {s.key: s.fingerprint for s in self.shards}
+
+
+def fingerprint(entries: list[storage.Entry], input_uri: str) -> str:
+    """A shard's identity: its files' paths under the input, sizes and modification times.
+
+    Replacing a shard's content changes it (S3: a new LastModified, 1 s resolution; local:
+    nanoseconds). Cheap: it comes from the listing, no shard is read.
+    """
+    h = hashlib.sha256()
+    for e in entries:
+        h.update(f"{relative(input_uri, e.uri)}\0{e.size}\0{e.mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def list_shards(job: JobConfig) -> list[Shard]:
+    """The job's input as shards, with keys checked to be unique; JobConfigError when empty.
 
     Image inputs are grouped into pseudo-shards of `images_per_shard` files in sorted order,
     keyed by their first and last file, so a rerun over the same archive finds the same keys.
     """
     if job.input_kind == "images":
-        files = storage.list_files(job.input, suffixes=IMAGE_SUFFIXES)
+        files = storage.list_entries(job.input, suffixes=IMAGE_SUFFIXES)
+        _refuse_collisions((image_sample_id(job.input, e.uri), e.uri) for e in files)
         step = job.images_per_shard
         shards = []
         for i in range(0, len(files), step):
             chunk = files[i : i + step]
-            digest = hashlib.sha256(f"{chunk[0]}\n{chunk[-1]}".encode()).hexdigest()[:12]
-            shards.append((f"images-{i // step:06d}-{digest}", chunk[0], chunk))
+            digest = hashlib.sha256(f"{chunk[0].uri}\n{chunk[-1].uri}".encode()).hexdigest()[:12]
+            shards.append(
+                Shard(
+                    uri=chunk[0].uri,
+                    key=f"images-{i // step:06d}-{digest}",
+                    fingerprint=fingerprint(chunk, job.input),
+                    files=[e.uri for e in chunk],
+                )
+            )
     else:
-        files = storage.list_files(job.input, suffixes=(".safetensors", ".parquet"))
-        shards = [(shard_key(job.input, uri), uri, None) for uri in files]
+        files = storage.list_entries(job.input, suffixes=codecs.SHARD_SUFFIXES)
+        shards = [
+            Shard(e.uri, shard_key(job.input, e.uri), fingerprint([e], job.input)) for e in files
+        ]
+        _refuse_collisions((s.key, s.uri) for s in shards)
     if not shards:
         raise JobConfigError(
             f"no input {'images' if job.input_kind == 'images' else 'shards'} under {job.input!r}"
         )
-    try:
-        markers = storage.list_files(storage.join(job.output, "_done"), suffixes=(".json",))
-    except FileNotFoundError:
-        markers = []
-    done_markers = {os.path.basename(u)[: -len(".json")] for u in markers}
-    todo = [
-        {"shard": uri, "key": key, "files": chunk, "done_ids": done_ids(job.output, key)}
-        for key, uri, chunk in shards
-        if key not in done_markers
-    ]
-    return todo, len(shards) - len(todo)
+    return shards
 
 
-def done_ids(out: str, key: str) -> list[str]:
-    """Ids of a shard whose ok timing row exists (so their image was written before it)."""
-    ids: set[str] = set()
+def _refuse_collisions(names) -> None:
+    """Two inputs that would share one output name: refuse before anything is written."""
+    first: dict[str, str] = {}
+    for name, uri in names:
+        other = first.setdefault(name, uri)
+        if other != uri:
+            raise JobConfigError(
+                f"inputs {other!r} and {uri!r} would both be written as {name!r}; "
+                "rename one of them"
+            )
+
+
+def plan_shards(job: JobConfig) -> Plan:
+    """Which shards to do, from one listing of the input and one of `<out>/_done/`.
+
+    A shard is done when a marker for its current fingerprint exists (or a marker of an output
+    written before fingerprints: `_done/<key>.json`, trusted as it is). A shard whose marker or
+    timing rows carry another fingerprint has changed: `job.changed_inputs` says whether it is
+    decoded again (supersede() clears its marker and tar first) or the run is refused. Reads
+    nothing but listings and the timing parts of unfinished shards; writes nothing.
+    """
+    shards = list_shards(job)
+    done, legacy = _markers(job.output)
+    todo, changed, skipped = [], [], 0
+    for s in shards:
+        marked = done.get(s.key, set())
+        if s.fingerprint in marked or (s.key in legacy and not marked):
+            skipped += 1
+            continue
+        ok_ids, other = ([], True) if marked else done_ids(job.output, s.key, s.fingerprint)
+        if other:
+            changed.append(s)
+            ok_ids = []
+        todo.append(s.task(ok_ids))
+    if changed and job.changed_inputs == "refuse":
+        names = ", ".join(repr(s.uri) for s in changed[:5])
+        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        raise JobConfigError(
+            f"{len(changed)} input shard(s) changed since they were decoded: {names}{more}; "
+            "restore them, use a new output prefix, or set changed_inputs: redo"
+        )
+    return Plan(shards=shards, todo=todo, skipped=skipped, changed=changed)
+
+
+def supersede(job: JobConfig, changed: list[Shard]) -> None:
+    """Before a changed shard is decoded again, remove what its old content produced: images
+    (layout "files"), tar, staged parts, timing parts, and done markers last, so that a crash
+    half-way leaves a marker or rows that still flag the shard as changed on the next plan."""
+    out = job.output
+    for s in changed:
+        parts = _listed(timing_dir(out, s.key), suffixes=(".parquet",))
+        for uri in parts:
+            t = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+            for col in ("output", "baseline_output"):
+                for rel in t.column(col).to_pylist() if col in t.column_names else []:
+                    if rel and ":" not in rel:  # "shards/<key>.tar:<member>" goes with the tar
+                        storage.delete(storage.join(out, rel))
+        storage.delete(tar_uri(out, s.key))
+        for uri in _listed(storage.join(out, "_staging", s.key)) + parts:
+            storage.delete(uri)
+        for uri in _listed(storage.join(out, "_done", s.key)):
+            storage.delete(uri)
+        storage.delete(storage.join(out, "_done", f"{s.key}.json"))
+
+
+def _listed(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
     try:
-        parts = storage.list_files(timing_dir(out, key), suffixes=(".parquet",))
+        return storage.list_files(uri, suffixes=suffixes)
     except FileNotFoundError:
         return []
-    for uri in parts:
-        t = pq.read_table(io.BytesIO(storage.read_bytes(uri)), columns=["id", "status"])
-        for sid, st in zip(t.column("id").to_pylist(), t.column("status").to_pylist()):
-            if st == "ok":
+
+
+def _markers(out: str) -> tuple[dict[str, set[str]], set[str]]:
+    """From one listing of <out>/_done/: key → fingerprints marked, and keys with old markers."""
+    root = storage.join(out, "_done")
+    done: dict[str, set[str]] = defaultdict(set)
+    legacy: set[str] = set()
+    for uri in _listed(root, suffixes=(".json",)):
+        rel = relative(root, uri)[: -len(".json")]
+        if "/" in rel:
+            key, fp = rel.rsplit("/", 1)
+            done[key].add(fp)
+        else:
+            legacy.add(rel)
+    return done, legacy
+
+
+def done_ids(out: str, key: str, fp: str | None = None) -> tuple[list[str], bool]:
+    """Ids of a shard with an ok timing row (so their image was written before it), and whether
+    any row was made from other content than `fp` (the shard changed; rows written before
+    fingerprints existed count as this content)."""
+    ids: set[str] = set()
+    other = False
+    for uri in _listed(timing_dir(out, key), suffixes=(".parquet",)):
+        t = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+        fps = (
+            t.column("input_fingerprint").to_pylist()
+            if "input_fingerprint" in t.column_names
+            else [None] * t.num_rows
+        )
+        for sid, st, f in zip(t.column("id").to_pylist(), t.column("status").to_pylist(), fps):
+            if f is not None and fp is not None and f != fp:
+                other = True
+            elif st == "ok":
                 ids.add(sid)
-    return sorted(ids)
+    return sorted(ids), other
 
 
-def shard_ids(uri: str) -> list[str]:
+def shard_ids(uri: str, key: str) -> list[str]:
     """A shard's sample ids without its latents: a safetensors header, a Parquet id column."""
+    stem = codecs.id_stem(key)
     if uri.lower().endswith(".safetensors"):
         head = storage.read_range(uri, 0, codecs.SAFETENSORS_PREFIX_BYTES)
         end = codecs.safetensors_header_bytes(head, uri)
         return codecs.read_shard_ids(
-            head + storage.read_range(uri, len(head), end - len(head)), uri
+            head + storage.read_range(uri, len(head), end - len(head)), uri, stem
         )
-    return codecs.read_shard_ids(storage.read_bytes(uri), uri)
+    return codecs.read_shard_ids(storage.read_bytes(uri), uri, stem)
 
 
 def list_ids(batch: Batch) -> Batch:
-    """Shard rows (order, shard URI) → one (order, index, id) row per sample; unreadable shards
+    """Shard rows (order, shard URI, key) → one (order, index, id) row per sample; unreadable shards
     give none (they become one error row when read)."""
     order, index, ids = [], [], []
-    for o, uri in zip(batch["order"], batch["shard"]):
+    for o, uri, key in zip(batch["order"], batch["shard"], batch["key"]):
         try:
-            found = shard_ids(str(uri))
+            found = shard_ids(str(uri), str(key))
         except Exception:
             continue
         order += [int(o)] * len(found)
@@ -151,7 +301,7 @@ def record_lost(job: JobConfig, item: dict[str, Any], seen: set[str]) -> list[st
         found = [(image_sample_id(job.input, u), i) for i, u in enumerate(item["files"])]
     else:
         try:
-            found = [(sid, i) for i, sid in enumerate(shard_ids(item["shard"]))]
+            found = [(sid, i) for i, sid in enumerate(shard_ids(item["shard"], item["key"]))]
         except Exception:  # unreadable: one row stands for the shard, as in read_shard
             found = [(item["key"], -1)]
     done = set(item.get("done_ids") or ())
@@ -169,6 +319,7 @@ def record_lost(job: JobConfig, item: dict[str, Any], seen: set[str]) -> list[st
                 "variant": job.model.variant_label,
                 "checkpoint": job.model.spec.experiment,
                 "steps": job.sampling.steps,
+                "input_fingerprint": item["fingerprint"],
                 "started_at": now,
                 "finished_at": now,
             }

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -263,10 +263,18 @@ def join(uri: str, *parts: str) -> str:
 # Operations
 
 
-def list_files(
+class Entry(NamedTuple):
+    """A listed file: its URI, size and modification time (S3: LastModified)."""
+
+    uri: str
+    size: int
+    mtime_ns: int
+
+
+def list_entries(
     uri: str, suffixes: tuple[str, ...] | list[str] | str | None = None, recursive: bool = True
-) -> list[str]:
-    """Sorted full URIs of the files under uri (or [uri] if it is a file); dotfiles are skipped."""
+) -> list[Entry]:
+    """Files under uri (or uri itself if it is a file), sorted by URI; dotfiles are skipped."""
     kind, path = _split(uri)
     fs, _ = resolve(uri)
     if isinstance(suffixes, str):
@@ -285,8 +293,15 @@ def list_files(
             continue
         if suffixes and not fi.base_name.lower().endswith(tuple(s.lower() for s in suffixes)):
             continue
-        out.append(_to_uri(kind, fi.path))
+        out.append(Entry(_to_uri(kind, fi.path), int(fi.size or 0), int(fi.mtime_ns or 0)))
     return sorted(out)
+
+
+def list_files(
+    uri: str, suffixes: tuple[str, ...] | list[str] | str | None = None, recursive: bool = True
+) -> list[str]:
+    """Sorted full URIs of the files under uri (or [uri] if it is a file); dotfiles are skipped."""
+    return [e.uri for e in list_entries(uri, suffixes, recursive)]
 
 
 def read_bytes(uri: str) -> bytes:

@@ -33,43 +33,92 @@ READ_THREADS = 32
 
 
 def read_timing(out: str) -> pa.Table:
-    """All timing parts under `<out>/timing/`, one row per sample id (the latest attempt wins)."""
+    """All timing parts under `<out>/timing/`, one row per sample (see latest_per_id)."""
+    return latest_per_id(read_timing_parts(out))
+
+
+def read_timing_parts(out: str) -> pa.Table:
+    """Every row of every timing part under `<out>/timing/`, as written (attempts repeat)."""
+    from pid_batch.codecs import TIMING_SCHEMA
+
     try:
         parts = storage.list_files(storage.join(out, "timing"), suffixes=(".parquet",))
     except FileNotFoundError:
         parts = []
     if not parts:
-        from pid_batch.codecs import TIMING_SCHEMA
-
         return TIMING_SCHEMA.empty_table()
     # One part per encode batch (~60,000 for a million samples): read them side by side, the
     # time is round trips (sequential: 2.3 s for 570 local parts on 2 cores, measured).
     with ThreadPoolExecutor(min(READ_THREADS, len(parts))) as pool:
         tables = list(pool.map(_read_part, parts))
-    return latest_per_id(pa.concat_tables(tables, promote_options="default"))
+    table = pa.concat_tables(tables, promote_options="default")
+    if "input_fingerprint" not in table.column_names:  # parts written before fingerprints
+        table = table.append_column("input_fingerprint", pa.nulls(table.num_rows, pa.string()))
+    return table
 
 
 def _read_part(uri: str) -> pa.Table:
     return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
 
 
-def latest_per_id(table: pa.Table) -> pa.Table:
-    """Keep one row per sample (shard, index): an ok row over an error row, then the latest.
+def _current_mask(table: pa.Table, current: dict[str, str]) -> pa.ChunkedArray:
+    """Rows of a current input shard made from its current content (or before fingerprints)."""
+    fp = table.column("input_fingerprint")
+    pairs = pc.binary_join_element_wise(table.column("shard"), fp, "\x00")
+    want = pa.array([f"{k}\x00{v}" for k, v in current.items()], pa.string())
+    in_input = pc.is_in(table.column("shard"), value_set=pa.array(list(current), pa.string()))
+    return pc.and_(in_input, pc.or_(pc.is_null(fp), pc.fill_null(pc.is_in(pairs, want), False)))
 
-    Keyed by position, not id: a repeated id (within or across shards) is a sample of its own
-    whose error row must be counted, not folded into the first occurrence's ok row.
+
+def orphans(raw: pa.Table, current: dict[str, str]) -> dict[str, int]:
+    """Rows no current input accounts for: shards deleted from the input, or old content."""
+    if raw.num_rows == 0:
+        return {"rows": 0, "shards": 0}
+    gone = raw.filter(pc.invert(_current_mask(raw, current)))
+    return {"rows": gone.num_rows, "shards": len(pc.unique(gone.column("shard")))}
+
+
+def latest_per_id(table: pa.Table, current: dict[str, str] | None = None) -> pa.Table:
+    """One row per sample (shard, index): the latest attempt of the current content wins.
+
+    - current (shard key → fingerprint, from the run's plan): rows of other shards or of other
+      content are dropped. Without it, each shard's current content is that of its latest row.
+    - A shard-level error row (index -1, "shard unreadable") is dropped once the shard was read
+      (it has rows of its samples).
+    - Of the rest, an ok row beats an error row, then the latest wins. Keyed by position, not
+      id: a repeated id is a sample of its own whose error row must be counted.
+    Vectorised (Arrow and numpy): no Python object per row.
     """
     if table.num_rows == 0:
         return table
-    ok = pc.equal(table.column("status"), "ok").to_numpy(zero_copy_only=False).astype(np.int8)
+    if "input_fingerprint" not in table.column_names:
+        table = table.append_column("input_fingerprint", pa.nulls(table.num_rows, pa.string()))
     fin = table.column("finished_at").cast(pa.int64()).to_numpy(zero_copy_only=False)
-    keys = list(zip(table.column("shard").to_pylist(), table.column("index").to_pylist()))
-    order = np.lexsort((fin, ok))  # ascending: the best row of each sample comes last
-    best: dict[tuple[str, int], int] = {}
-    for i in order:
-        best[keys[i]] = int(i)
-    keep = np.array(sorted(best.values()), dtype=np.int64)
-    return table.take(pa.array(keep))
+    shard = pc.dictionary_encode(table.column("shard").combine_chunks())
+    code = shard.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    if current is None:  # each shard's current content: that of its latest row
+        fp = table.column("input_fingerprint").to_numpy(zero_copy_only=False)
+        last = np.lexsort((fin, code))
+        ends = np.r_[np.nonzero(np.diff(code[last]))[0], len(last) - 1]
+        latest = np.empty(len(shard.dictionary), dtype=object)
+        latest[code[last[ends]]] = fp[last[ends]]
+        col = table.column("input_fingerprint")
+        same = pc.fill_null(pc.equal(col, pa.array(latest[code], pa.string())), False)
+        keep = pc.or_(pc.is_null(col), same)
+    else:
+        keep = _current_mask(table, current)
+    keep = keep.to_numpy(zero_copy_only=False).astype(bool)
+    index = table.column("index").to_numpy(zero_copy_only=False).astype(np.int64)
+    read = np.zeros(len(shard.dictionary), dtype=bool)
+    read[code[keep & (index >= 0)]] = True
+    keep &= ~((index < 0) & read[code])
+    ok = pc.equal(table.column("status"), "ok").to_numpy(zero_copy_only=False).astype(np.int8)
+    rows = np.nonzero(keep)[0]
+    order = rows[np.lexsort((fin[rows], ok[rows], index[rows], code[rows]))]
+    last_of_group = np.r_[
+        (code[order][1:] != code[order][:-1]) | (index[order][1:] != index[order][:-1]), True
+    ]
+    return table.take(pa.array(np.sort(order[last_of_group]), pa.int64()))
 
 
 def _pct(values: np.ndarray) -> dict[str, float]:
@@ -85,8 +134,11 @@ def _pct(values: np.ndarray) -> dict[str, float]:
     }
 
 
-def summarize(table: pa.Table, run: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Job summary from a deduplicated timing table (see read_timing)."""
+def summarize(
+    table: pa.Table, run: dict[str, Any] | None = None, orphans: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """Job summary from a deduplicated timing table (see read_timing); `orphans`: rows left by
+    inputs that no longer exist or changed, reported apart and not counted as samples."""
     n = table.num_rows
     status = np.array(table.column("status").to_pylist(), dtype=object) if n else np.array([])
     ok_mask = status == "ok"
@@ -131,6 +183,8 @@ def summarize(table: pa.Table, run: dict[str, Any] | None = None) -> dict[str, A
         for h, w in zip(okt.column("height").to_pylist(), okt.column("width").to_pylist()):
             res[f"{w}x{h}"] = res.get(f"{w}x{h}", 0) + 1
         summary["resolutions"] = res
+    if orphans and orphans.get("rows"):
+        summary["orphaned"] = orphans
     if run:
         summary["run"] = run
     return summary
@@ -151,4 +205,9 @@ def format_summary(s: dict[str, Any]) -> str:
                 )
     for reason, count in s.get("errors_by_reason", {}).items():
         lines.append(f"  error x{count}: {reason}")
+    if o := s.get("orphaned"):
+        lines.append(
+            f"  not counted: {o['rows']} rows of {o['shards']} shards no longer in the input "
+            "(deleted, or replaced by new content)"
+        )
     return "\n".join(lines)

@@ -153,12 +153,15 @@ def assemble_tar(job: JobConfig, key: str) -> int:
     return len(members)
 
 
-def finish_shard(job: JobConfig, key: str, all_ok: bool) -> None:
-    """A shard whose rows are all in: merge its tar (tar layout), then its done marker, last."""
+def finish_shard(job: JobConfig, key: str, fingerprint: str, all_ok: bool) -> None:
+    """A shard whose rows are all in: merge its tar (tar layout), then, when every sample is
+    ok, its done marker for this content of the input, last."""
     if job.images.layout == "tar":
         assemble_tar(job, key)
     if all_ok:
-        storage.write_json_atomic(marker_uri(job.output, key), {"shard": key})
+        storage.write_json_atomic(
+            marker_uri(job.output, key, fingerprint), {"shard": key, "fingerprint": fingerprint}
+        )
 
 
 def _ts(epoch_s: float) -> dt.datetime:
@@ -200,4 +203,5 @@ def _timing_row(batch: Batch, i: int, job: JobConfig) -> dict[str, Any]:
         "crop": cell_str(get("crop")),
         "vae_encode_ms": float(get("vae_encode_ms", 0.0)),
         "baseline_ms": float(get("baseline_ms", 0.0)) or None,
+        "input_fingerprint": cell_str(get("fingerprint")),
     }

@@ -279,6 +279,7 @@ def test_absurd_but_real_latent_is_refused_before_decode(tmp_path):
     batch = {
         "shard": np.array([str(inp / "big.safetensors")], dtype=object),
         "key": np.array(["big.safetensors"], dtype=object),
+        "fingerprint": np.array(["f0"], dtype=object),
         "done_ids": np.array([None], dtype=object),
     }
     rows = stages.read_shard(batch, job)

@@ -89,7 +89,7 @@ def test_graph_tasks_come_from_torch_free_modules(fresh_ray, tmp_path, monkeypat
         return real(self, fn, *args, **kwargs)
 
     monkeypatch.setattr(fresh_ray.data.Dataset, "map_batches", record)
-    pipeline.build_dataset(job, resume.plan_shards(job)[0])  # lazy: builds, runs nothing
+    pipeline.build_dataset(job, resume.plan_shards(job).todo)  # lazy: builds, runs nothing
     tasks = {f.__module__ for f in seen if not isinstance(f, type)}
     actors = {f.__module__ for f in seen if isinstance(f, type)}
     assert tasks == {"pid_batch.reader", "pid_batch.writer"}, tasks
@@ -103,7 +103,7 @@ def test_read_and_write_run_in_a_ray_task_without_torch(fresh_ray, tmp_path):
 
     job = _job(str(tmp_path / "in"), str(tmp_path / "out"))
     ids = _write_shard(job.input, 3)
-    todo, _ = resume.plan_shards(job)
+    todo = resume.plan_shards(job).todo
 
     def read_decode_write(batch, job):  # pickled by value: the worker imports only what it uses
         import sys as worker_sys
