@@ -234,6 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
+    except KeyboardInterrupt as e:  # pipeline.Interrupted: SIGINT / SIGTERM
+        done = getattr(e, "processed", 0)
+        print(
+            f"pid-batch: interrupted after {done} samples; rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return getattr(e, "exit_code", 130)
     except (JobConfigError, FileNotFoundError, ValueError, OSError) as e:
         if args.verbose:
             raise

@@ -245,9 +245,7 @@ class JobConfig:
             if not isinstance(value, str) or not value:
                 raise JobConfigError(f"{key} must be a non-empty URI or path; got {value!r}")
         if self.changed_inputs not in CHANGED_INPUTS:
-            raise JobConfigError(
-                f"changed_inputs={self.changed_inputs!r}; valid: {CHANGED_INPUTS}"
-            )
+            raise JobConfigError(f"changed_inputs={self.changed_inputs!r}; valid: {CHANGED_INPUTS}")
         check_disjoint(self.input, self.output)
 
     def manifest(self) -> dict[str, Any]:

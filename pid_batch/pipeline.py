@@ -14,7 +14,9 @@ when they start. (reader's read tasks call ray.get on the scan's result, inside 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
@@ -80,6 +82,30 @@ class VaeActor:
 
     def __call__(self, batch):
         return self.stage(batch)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run; `processed` samples had come back by then."""
+
+    def __init__(self, signum: int, processed: int = 0):
+        super().__init__(signum, processed)
+        self.signum, self.processed = signum, processed
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # 130 for SIGINT, 143 for SIGTERM, as shells report them
+
+
+def _on_signal(signum: int, _frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+def _catch_signals() -> None:
+    """SIGINT/SIGTERM raise Interrupted in the driver (installed after ray.init, whose own
+    SIGTERM handler exits the process mid-write with a native stack dump)."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _on_signal)
 
 
 @dataclass
@@ -270,9 +296,19 @@ def _run(
 ) -> RunResult:
     check_output(job)
     resume.supersede(job, plan.changed)
-    todo = plan.todo
     ensure_ray(job, **init_kwargs)
+    _catch_signals()
     result = RunResult(summary={}, shards_skipped=plan.skipped)
+    try:
+        _decode(job, plan, result, log)
+    except KeyboardInterrupt as e:  # Ctrl-C before our handler, or Interrupted
+        raise Interrupted(getattr(e, "signum", signal.SIGINT), result.processed) from None
+    return _summarize(job, plan, result, t0, log)
+
+
+def _decode(job: JobConfig, plan: resume.Plan, result: RunResult, log: TextIO | None) -> None:
+    """Stream the dataset over the plan's todo shards; fills result's counts as rows return."""
+    todo = plan.todo
     if todo:
         dups = start_duplicate_scan(plan.shards) if job.input_kind != "images" else None
         ds = build_dataset(job, todo, dups)
@@ -314,6 +350,11 @@ def _run(
             finishing
         )  # tar merges and done markers: off the driver, awaited before the summary
         progress.close(result)
+
+
+def _summarize(
+    job: JobConfig, plan: resume.Plan, result: RunResult, t0: float, log: TextIO | None
+) -> RunResult:
     raw = read_timing_parts(job.output)
     table = latest_per_id(raw, current=plan.current)
     result.wall_s = time.time() - t0
@@ -331,7 +372,10 @@ def _run(
         },
         orphans=orphans(raw, plan.current),
     )
-    storage.write_json_atomic(storage.join(job.output, "summary.json"), result.summary)
+    try:
+        storage.write_json_atomic(storage.join(job.output, "summary.json"), result.summary)
+    except OSError as e:  # e.g. a full disk: the summary still reaches the user
+        result.summary["summary_not_written"] = storage.redact(str(e))
     if log:
         print(format_summary(result.summary), file=log)
     return result

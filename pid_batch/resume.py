@@ -19,8 +19,10 @@ import pyarrow.parquet as pq
 from pid_batch import codecs, storage
 from pid_batch.job import IMAGE_SUFFIXES, JobConfig, JobConfigError
 from pid_batch.layout import (
+    MARKER_SEP,
     Batch,
     image_sample_id,
+    marker_uri,
     objects,
     relative,
     shard_key,
@@ -160,6 +162,7 @@ def supersede(job: JobConfig, changed: list[Shard]) -> None:
     (layout "files"), tar, staged parts, timing parts, and done markers last, so that a crash
     half-way leaves a marker or rows that still flag the shard as changed on the next plan."""
     out = job.output
+    done, _ = _markers(out)
     for s in changed:
         parts = _listed(timing_dir(out, s.key), suffixes=(".parquet",))
         for uri in parts:
@@ -171,8 +174,8 @@ def supersede(job: JobConfig, changed: list[Shard]) -> None:
         storage.delete(tar_uri(out, s.key))
         for uri in _listed(storage.join(out, "_staging", s.key)) + parts:
             storage.delete(uri)
-        for uri in _listed(storage.join(out, "_done", s.key)):
-            storage.delete(uri)
+        for fp in sorted(done.get(s.key, ())):
+            storage.delete(marker_uri(out, s.key, fp))
         storage.delete(storage.join(out, "_done", f"{s.key}.json"))
 
 
@@ -189,12 +192,12 @@ def _markers(out: str) -> tuple[dict[str, set[str]], set[str]]:
     done: dict[str, set[str]] = defaultdict(set)
     legacy: set[str] = set()
     for uri in _listed(root, suffixes=(".json",)):
-        rel = relative(root, uri)[: -len(".json")]
-        if "/" in rel:
-            key, fp = rel.rsplit("/", 1)
+        name = relative(root, uri)[: -len(".json")]
+        if MARKER_SEP in name:
+            key, fp = name.rsplit(MARKER_SEP, 1)
             done[key].add(fp)
         else:
-            legacy.add(rel)
+            legacy.add(name)
     return done, legacy
 
 

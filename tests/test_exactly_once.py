@@ -6,9 +6,15 @@ Each case audits the raw outputs (timing parts, images, tars), not only the summ
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
+import re
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +27,7 @@ from pid_batch.layout import shard_key
 from pid_batch.summary import latest_per_id, read_timing_parts
 
 HW = (2, 3)
+REPO = Path(__file__).resolve().parents[1]
 
 
 def put_shard(path: Path, n: int, ids: list[str] | None = None, seed: int = 0, nan_at=None):
@@ -120,8 +127,10 @@ def test_second_driver_is_refused_and_a_dead_ones_lease_is_taken(tmp_path):
     # A lease left by a process that no longer runs on this machine is taken at once.
     dead = lease.Lease(out)
     dead.acquire()
-    body = (tmp_path / "out" / "_lease.json").read_text().replace(
-        f'"pid": {os.getpid()}', '"pid": 999999999'
+    body = (
+        (tmp_path / "out" / "_lease.json")
+        .read_text()
+        .replace(f'"pid": {os.getpid()}', '"pid": 999999999')
     )
     (tmp_path / "out" / "_lease.json").write_text(body)
     lease.Lease(out).acquire()
@@ -227,3 +236,65 @@ def test_changed_deleted_and_fixed_inputs(tmp_path, ray_local):
     # A rerun with nothing changed decodes nothing and reports the same.
     again = pipeline.run(job_for(inp, out), log=None)
     assert again.summary["samples"] == 9 and again.shards_done == 1  # only the open shard
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_stops_cleanly_and_the_rerun_completes_exactly_once(tmp_path, sig, code):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    ids = [f"s{s}-{i}" for s in range(4) for i in range(4)]
+    for s in range(4):
+        put_shard(inp / f"shard-{s}.safetensors", 4, ids[4 * s : 4 * s + 4], seed=s)
+    spec = tmp_path / "job.yaml"
+    spec.write_text(
+        json.dumps(
+            {
+                "input": str(inp),
+                "output": str(out),
+                "model": {
+                    "backbone": "flux",
+                    "ckpt_type": "2k",
+                    "preset": "tiny",
+                    "fake_latency_ms": 400,
+                },
+                "images": {"image_format": "png"},
+                "resources": {"batch_size": 2, "encode_batch_size": 2},
+            }
+        )
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION": "0.02",
+    }
+    cmd = [sys.executable, "-m", "pid_batch.cli", "run", str(spec)]
+    driver = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and driver.poll() is None:
+            if (out / "images").is_dir() and any((out / "images").iterdir()):
+                break
+            time.sleep(0.05)
+        assert driver.poll() is None, "run finished before it could be interrupted"
+        driver.send_signal(sig)
+        stdout, stderr = driver.communicate(timeout=60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    err = stderr.decode()
+    assert driver.returncode == code, err[-2000:]
+    assert "Traceback" not in err and "*** SIGTERM" not in err, err[-2000:]
+    assert re.search(r"interrupted after \d+ samples; rerun the same command to resume\s*$", err)
+    assert not (out / "_lease.json").exists()  # released on the way out
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=240)
+    assert rerun.returncode == 0, rerun.stderr.decode()[-2000:]
+    ok = [
+        r["id"]
+        for r in latest_per_id(read_timing_parts(str(out))).to_pylist()
+        if r["status"] == "ok"
+    ]
+    assert sorted(ok) == sorted(ids)
+    assert sorted(p.stem for p in (out / "images").iterdir()) == sorted(ids)
