@@ -422,6 +422,143 @@ def delete(uri: str, missing_ok: bool = True) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Conditional writes (one winner among concurrent writers)
+
+_S3_CLIENTS: dict[tuple[str, str | None, str | None], Any] = {}
+
+
+def _s3_client() -> Any:
+    """A cached boto3 S3 client for the configured endpoint (pyarrow has no conditional put)."""
+    import boto3  # only the conditional-write path needs it
+
+    scheme, endpoint = s3_endpoint()
+    key = (scheme, endpoint, _region())
+    with _FS_LOCK:
+        client = _S3_CLIENTS.get(key)
+        if client is None:
+            url = f"{scheme}://{endpoint}" if endpoint else None
+            client = boto3.client("s3", endpoint_url=url, region_name=_region())
+            _S3_CLIENTS[key] = client
+    return client
+
+
+def _bucket_key(path: str) -> tuple[str, str]:
+    bucket, _, key = path.partition("/")
+    if not key:
+        raise ValueError(f"conditional writes need s3://bucket/key, got bucket {bucket!r} alone")
+    return bucket, key
+
+
+def _s3_code(exc: BaseException) -> str:
+    return str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+
+
+def _s3_lost(exc: BaseException) -> bool:
+    """Whether a conditional PutObject lost: 412, 409 conflict, or If-Match on an absent key (404)."""
+    return _s3_code(exc) in (
+        "PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "412", "409", "404"
+    )  # fmt: skip
+
+
+def _local_version(path: str) -> str | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return f"{st.st_mtime_ns}-{st.st_size}-{st.st_ino}"
+
+
+def _lock_path(path: str) -> Path:
+    return Path(os.path.dirname(path)) / f".{os.path.basename(path)}.lock"
+
+
+def version(uri: str) -> str | None:
+    """An opaque version token of the object at uri (S3 ETag; local mtime-size-inode); None if absent."""
+    kind, path = _split(uri)
+    if kind != "s3":
+        return _local_version(path)
+    bucket, key = _bucket_key(path)
+
+    def _head() -> str | None:
+        try:
+            return str(_s3_client().head_object(Bucket=bucket, Key=key)["ETag"])
+        except Exception as exc:
+            if _s3_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+
+    return retry(_head, what=f"stat {uri}")
+
+
+def _put_if(uri: str, data: bytes, etag: str | None) -> bool:
+    """S3 PutObject that only lands if the object is absent (etag None) or still has etag."""
+    bucket, key = _bucket_key(_split(uri)[1])
+    cond = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
+
+    def _put() -> bool:
+        try:
+            _s3_client().put_object(Bucket=bucket, Key=key, Body=bytes(data), **cond)
+        except Exception as exc:
+            if _s3_lost(exc):
+                return False
+            raise
+        return True
+
+    return retry(_put, what=f"conditional write {uri}")
+
+
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Create the object atomically; False (nothing written) if it already exists.
+
+    S3: PutObject with If-None-Match: *. Local: temp file, then os.link (fails if the name
+    exists), under the same sibling lock replace_if takes so the two never interleave.
+    """
+    kind, path = _split(uri)
+    if kind == "s3":
+        return _put_if(uri, data, None)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with _locked(_lock_path(path)):
+        if os.path.lexists(path):
+            return False
+        tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.tmp-{os.getpid()}-"
+        tmp += secrets.token_hex(4)
+        try:
+            with open(tmp, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    _fsync_dir(os.path.dirname(path))
+    return True
+
+
+def replace_if(uri: str, data: bytes, version: str | None) -> bool:
+    """Compare-and-swap: write only if the object's current version() equals `version`.
+
+    `version=None` means the object must not exist. Returns False (nothing written) on a
+    mismatch. S3: PutObject with If-Match: <etag> (If-None-Match: * for None). Local: an
+    fcntl lock on the sibling '.<name>.lock', compare, atomic rename, unlock.
+    """
+    kind, path = _split(uri)
+    if kind == "s3":
+        return _put_if(uri, data, version)
+    if version is None:
+        return create_exclusive(uri, data)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with _locked(_lock_path(path)):
+        if _local_version(path) != version:
+            return False
+        retry(lambda: _write_local_atomic(path, data), what=f"write {uri}")
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
 # Per-node weight cache
 
 
