@@ -128,29 +128,43 @@ def _member_meta(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def assemble_tar(job: JobConfig, key: str) -> int:
-    """Merge a shard's staged parts (and its existing tar, from earlier runs) into one tar.
+def assemble_tar(job: JobConfig, key: str, attempts: int = 20) -> int:
+    """Merge a shard's staged parts into <out>/shards/<shard>.tar; the number of members.
 
-    The tar is written atomically, then the staged parts are deleted; a rerun after a crash
-    between the two merges the same members again. Returns the number of members.
+    The final tar is the union of what it held and the parts read now, written with a
+    compare-and-swap on its version: a finisher that raced another re-reads and retries, so no
+    member is dropped. Only the parts merged into a written tar are deleted, after the write; a
+    crash in between merges them again (same names, kept once).
     """
     out = job.output
-    members: dict[str, bytes] = {}
     final = tar_uri(out, key)
-    if storage.exists(final):
-        members.update(codecs.read_tar(storage.read_bytes(final)))
-    try:
+    for _ in range(attempts):
+        before = storage.version(final)
+        members: dict[str, bytes] = {}
+        if before is not None:
+            try:
+                members.update(codecs.read_tar(storage.read_bytes(final)))
+            except FileNotFoundError:
+                continue  # replaced or removed since version(): read again
         parts = storage.list_files(storage.join(out, "_staging", key), suffixes=(".tar",))
-    except FileNotFoundError:
-        parts = []
-    for uri in parts:
-        for name, data in codecs.read_tar(storage.read_bytes(uri)).items():
-            members.setdefault(name, data)  # a retried task may have staged a sample twice
-    if parts:
-        storage.write_bytes_atomic(final, codecs.build_tar(sorted(members.items())))
+        merged = []
         for uri in parts:
-            storage.delete(uri)
-    return len(members)
+            try:
+                data = storage.read_bytes(uri)
+            except FileNotFoundError:
+                continue  # another finisher merged and deleted it: it is in the tar it wrote
+            for name, payload in codecs.read_tar(data).items():
+                members.setdefault(name, payload)  # a retried task may have staged a sample twice
+            merged.append(uri)
+        if not merged:
+            if storage.version(final) == before:
+                return len(members)
+            continue
+        if storage.replace_if(final, codecs.build_tar(sorted(members.items())), before):
+            for uri in merged:
+                storage.delete(uri)
+            return len(members)
+    raise RuntimeError(f"tar for shard {key!r} kept changing under {attempts} merge attempts")
 
 
 def finish_shard(job: JobConfig, key: str, all_ok: bool) -> None:

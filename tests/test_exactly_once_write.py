@@ -1,0 +1,66 @@
+"""Write side of exactly-once (issue 13): tar finishing never loses a member."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+from pid_batch import codecs, storage, writer
+from pid_batch.layout import marker_uri, staging_uri, tar_uri
+
+
+def _stage(out: str, key: str, part: str, ids: list[str]) -> None:
+    members = [m for i in ids for m in codecs.sample_members(i, "png", i.encode(), {"id": i})]
+    storage.write_bytes_atomic(staging_uri(out, key, part), codecs.build_tar(members))
+
+
+@pytest.mark.timeout(60)
+def test_concurrent_finishers_keep_every_member(tmp_path, monkeypatch):
+    """Finisher A lists fewer parts, B finishes first; A's late write must not drop B's members."""
+    out, key = str(tmp_path / "out"), "k.safetensors"
+    job = SimpleNamespace(output=out, images=SimpleNamespace(layout="tar"))
+    _stage(out, key, "p1", ["a0", "a1"])
+    a_built, b_done = threading.Event(), threading.Event()
+    build_tar = codecs.build_tar
+    marker_saw: list[set[str]] = []
+    write_json = storage.write_json_atomic
+
+    def slow_build(members):  # A pauses between reading its parts and writing the tar
+        data = build_tar(members)
+        if threading.current_thread().name == "A" and not a_built.is_set():
+            a_built.set()
+            assert b_done.wait(30)
+        return data
+
+    def record_marker(uri, obj):  # what the final tar holds when a marker is written
+        marker_saw.append(set(codecs.read_tar(storage.read_bytes(tar_uri(out, key)))))
+        write_json(uri, obj)
+
+    monkeypatch.setattr(codecs, "build_tar", slow_build)
+    monkeypatch.setattr(storage, "write_json_atomic", record_marker)
+    errors: list[BaseException] = []
+
+    def run_a():
+        try:
+            writer.finish_shard(job, key, all_ok=True)
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    a = threading.Thread(target=run_a, name="A")
+    a.start()
+    assert a_built.wait(30)
+    _stage(out, key, "p2", ["b0", "b1"])  # a later encode task's part, seen only by B
+    writer.finish_shard(job, key, all_ok=True)
+    b_done.set()
+    a.join(30)
+    assert not errors, errors
+    want = {f"{i}.{ext}" for i in ("a0", "a1", "b0", "b1") for ext in ("png", "json")}
+    final = codecs.read_tar(storage.read_bytes(tar_uri(out, key)))  # read_tar refuses repeats
+    assert set(final) == want
+    assert all(final[f"{i}.png"] == i.encode() for i in ("a0", "a1", "b0", "b1"))
+    assert storage.list_files(storage.join(out, "_staging")) == []
+    assert storage.exists(marker_uri(out, key))
+    assert marker_saw and all(seen >= {"a0.png", "a1.png"} for seen in marker_saw)
+    assert marker_saw[-1] == want
