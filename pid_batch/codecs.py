@@ -657,11 +657,25 @@ def validate_timing_table(t: pa.Table) -> None:
 # WebDataset tars
 
 
+def tar_key(sample_id: str) -> str:
+    """The WebDataset key of a sample in our tars: the id with no '.', distinct ids kept distinct.
+
+    WebDataset splits a member name at the first '.' of its basename ('<key>.<suffix>'), so a
+    dotted id would merge samples ('img.001', 'img.002' → 'img'). Dot-free ids stay as they
+    are; others get '.' → '_' plus '--' and 12 hex of sha256(id), as sanitize_id does.
+    """
+    if "." not in sample_id:
+        return sample_id
+    digest = hashlib.sha256(sample_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{sample_id.replace('.', '_')[: MAX_ID_CHARS - 14]}--{digest}"
+
+
 def sample_members(sample_id: str, ext: str, payload: bytes, meta: dict) -> list[tuple[str, bytes]]:
-    """The two tar members of one sample: '<id>.<ext>' and '<id>.json' (sorted keys)."""
+    """The two tar members of one sample: '<key>.<ext>' and '<key>.json' (key = tar_key(id))."""
+    key = tar_key(sample_id)
     return [
-        (f"{sample_id}.{ext}", payload),
-        (f"{sample_id}.json", json.dumps(meta, sort_keys=True).encode()),
+        (f"{key}.{ext}", payload),
+        (f"{key}.json", json.dumps(meta, sort_keys=True).encode()),
     ]
 
 

@@ -59,7 +59,7 @@ def encode_write(batch: Batch, job: JobConfig) -> Batch:
                 t1 = time.perf_counter()
                 if tar:
                     staged[key] += codecs.sample_members(sid, ext, data, _member_meta(row))
-                    output = f"shards/{key}.tar:{sid}.{ext}"
+                    output = f"shards/{key}.tar:{codecs.tar_key(sid)}.{ext}"
                 else:
                     uri = image_uri(out, sid, fmt)
                     storage.write_bytes_atomic(uri, data)
@@ -79,8 +79,9 @@ def encode_write(batch: Batch, job: JobConfig) -> Batch:
             try:
                 data = codecs.encode_image(unpack_image(batch["baseline"][i]), fmt, quality)
                 if tar:
-                    staged[key].append((f"{sid}.baseline.{ext}", data))
-                    row["baseline_output"] = f"shards/{key}.tar:{sid}.baseline.{ext}"
+                    member = f"{codecs.tar_key(sid)}.baseline.{ext}"
+                    staged[key].append((member, data))
+                    row["baseline_output"] = f"shards/{key}.tar:{member}"
                 else:
                     uri = storage.join(out, "baseline", f"{sid}.{ext}")
                     storage.write_bytes_atomic(uri, data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from types import SimpleNamespace
 
@@ -64,3 +65,24 @@ def test_concurrent_finishers_keep_every_member(tmp_path, monkeypatch):
     assert storage.exists(marker_uri(out, key))
     assert marker_saw and all(seen >= {"a0.png", "a1.png"} for seen in marker_saw)
     assert marker_saw[-1] == want
+
+
+def test_webdataset_reads_every_sample_once(tmp_path):
+    """Ids with dots ('img.001') must not merge into one WebDataset sample; the raw id is kept."""
+    wds = pytest.importorskip("webdataset")
+    ids = ["img.001", "img.002", "img_001", "a.b.c", "plain", "x" * 128 + ".y"]
+    members = []
+    for sid in ids:
+        members += codecs.sample_members(sid, "png", sid.encode(), {"id": sid})
+        members.append((f"{codecs.tar_key(sid)}.baseline.png", b"base-" + sid.encode()))
+    path = tmp_path / "s.tar"
+    path.write_bytes(codecs.build_tar(members))
+    assert all("." not in name.split(".", 1)[0] for name in codecs.read_tar(path.read_bytes()))
+    got = list(wds.WebDataset(str(path), shardshuffle=False))
+    assert len(got) == len(ids)
+    keys = [s["__key__"] for s in got]
+    assert len(set(keys)) == len(ids)
+    by_id = {json.loads(s["json"])["id"]: s for s in got}
+    assert sorted(by_id) == sorted(ids)
+    for sid, s in by_id.items():
+        assert s["png"] == sid.encode() and s["baseline.png"] == b"base-" + sid.encode()
