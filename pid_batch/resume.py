@@ -75,9 +75,8 @@ def shard_ids(uri: str) -> list[str]:
     if uri.lower().endswith(".safetensors"):
         head = storage.read_range(uri, 0, codecs.SAFETENSORS_PREFIX_BYTES)
         end = codecs.safetensors_header_bytes(head, uri)
-        return codecs.read_shard_ids(
-            head + storage.read_range(uri, len(head), end - len(head)), uri
-        )
+        data = head + storage.read_range(uri, len(head), end - len(head))
+        return codecs.read_shard_ids(data, uri, size=storage.size(uri))
     return codecs.read_shard_ids(storage.read_bytes(uri), uri)
 
 

@@ -86,3 +86,57 @@ def test_webdataset_reads_every_sample_once(tmp_path):
     assert sorted(by_id) == sorted(ids)
     for sid, s in by_id.items():
         assert s["png"] == sid.encode() and s["baseline.png"] == b"base-" + sid.encode()
+
+
+def _header_only_shard(n: int, per_sample: list[int], offsets: list[int]) -> bytes:
+    head = json.dumps(
+        {"latents": {"dtype": "F32", "shape": [n, *per_sample], "data_offsets": offsets}}
+    ).encode()
+    head += b" " * (-len(head) % 8)
+    return len(head).to_bytes(8, "little") + head + b"\0" * offsets[1]
+
+
+@pytest.mark.parametrize(
+    "per_sample, offsets", [([4], [0, 16]), ([0], [0, 0])], ids=["too-big", "zero-size"]
+)
+def test_id_listing_refuses_declared_count_before_allocating(tmp_path, per_sample, offsets):
+    """A tiny header declaring a million id-less samples must not allocate per sample."""
+    import tracemalloc
+
+    from pid_batch import resume
+
+    path = tmp_path / "evil.safetensors"
+    path.write_bytes(_header_only_shard(1_000_000, per_sample, offsets))
+    assert path.stat().st_size < 200
+    for call in (
+        lambda: resume.shard_ids(str(path)),
+        lambda: codecs.read_shard(path.read_bytes(), path.name),
+    ):
+        tracemalloc.start()
+        try:
+            with pytest.raises(codecs.ShardError):
+                call()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 1_000_000, peak
+
+
+def test_bad_header_error_quotes_no_file_bytes(tmp_path):
+    """A shard that is really /etc/passwd: the error names the problem, not the file's bytes."""
+    from pid_batch import resume
+
+    data = b"root:x:0:0:root:/root:/bin/bash\n" * 4
+    path = tmp_path / "passwd.safetensors"
+    path.write_bytes(data)
+    n = str(int.from_bytes(data[:8], "little"))
+    for call in (
+        lambda: resume.shard_ids(str(path)),
+        lambda: codecs.read_shard(data, path.name),
+        lambda: codecs.read_shard_ids(data, path.name),
+    ):
+        with pytest.raises(codecs.ShardError) as err:
+            call()
+        msg = str(err.value)
+        assert "header length" in msg
+        assert n not in msg and "root" not in msg.replace(str(tmp_path), "")
