@@ -266,7 +266,13 @@ def join(uri: str, *parts: str) -> str:
 def list_files(
     uri: str, suffixes: tuple[str, ...] | list[str] | str | None = None, recursive: bool = True
 ) -> list[str]:
-    """Sorted full URIs of the files under uri (or [uri] if it is a file); dotfiles are skipped."""
+    """Sorted full URIs of the files under uri (or [uri] if it is a file); dotfiles are skipped.
+
+    Local listings skip (with a warning naming the path, nothing of its content) any entry
+    whose real path, symlinks resolved, lies outside the listed folder's real path: a shard
+    linked to /etc/passwd, or a linked folder elsewhere, is not input. A file named directly
+    as uri is taken as given.
+    """
     kind, path = _split(uri)
     fs, _ = resolve(uri)
     if isinstance(suffixes, str):
@@ -285,8 +291,17 @@ def list_files(
             continue
         if suffixes and not fi.base_name.lower().endswith(tuple(s.lower() for s in suffixes)):
             continue
+        if kind != "s3" and info.type != pafs.FileType.File and not _inside(fi.path, path):
+            log.warning("skipping %s: a symlink that resolves outside %s", fi.path, path)
+            continue
         out.append(_to_uri(kind, fi.path))
     return sorted(out)
+
+
+def _inside(path: str, root: str) -> bool:
+    """Whether path's real location (symlinks resolved) is root's real location or under it."""
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    return real == top or real.startswith(top.rstrip("/") + "/")
 
 
 def read_bytes(uri: str) -> bytes:

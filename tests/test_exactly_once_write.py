@@ -140,3 +140,22 @@ def test_bad_header_error_quotes_no_file_bytes(tmp_path):
         msg = str(err.value)
         assert "header length" in msg
         assert n not in msg and "root" not in msg.replace(str(tmp_path), "")
+
+
+def test_list_files_skips_symlinks_leaving_the_prefix(tmp_path):
+    """A shard that links to /etc/passwd, or a linked folder outside, is not listed."""
+    inp, outside = tmp_path / "in", tmp_path / "outside"
+    inp.mkdir()
+    outside.mkdir()
+    (inp / "a.safetensors").write_bytes(b"a")
+    (outside / "b.safetensors").write_bytes(b"b")
+    (inp / "evil.safetensors").symlink_to("/etc/passwd")
+    (inp / "up.safetensors").symlink_to(outside / "b.safetensors")
+    (inp / "sub").symlink_to(outside, target_is_directory=True)
+    (inp / "same.safetensors").symlink_to(inp / "a.safetensors")  # stays inside: kept
+    got = storage.list_files(str(inp), suffixes=".safetensors")
+    assert got == [str(inp / "a.safetensors"), str(inp / "same.safetensors")]
+    assert storage.list_files(f"file://{inp}", suffixes=".safetensors") == [
+        f"file://{inp}/a.safetensors",
+        f"file://{inp}/same.safetensors",
+    ]
