@@ -95,7 +95,11 @@ def encode_write(batch: Batch, job: JobConfig) -> Batch:
     part = uuid.uuid4().hex[:16]
     for key, members in staged.items():  # staged tar parts first: rows must follow their images
         t0 = time.perf_counter()
-        storage.write_bytes_atomic(staging_uri(out, key, part), codecs.build_tar(members))
+        try:  # write_bytes_atomic retries transient errors; what is left is permanent
+            storage.write_bytes_atomic(staging_uri(out, key, part), codecs.build_tar(members))
+        except Exception as e:
+            _fail(rows, status, error, key, f"write failed: {_reason(e)}")
+            continue
         share = (time.perf_counter() - t0) * 1000 / max(1, len(members) // 2)
         for r in rows:
             if r["shard"] == key and r["status"] == "ok":
@@ -106,9 +110,12 @@ def encode_write(batch: Batch, job: JobConfig) -> Batch:
     for key, part_rows in by_shard.items():
         buf = io.BytesIO()
         pq.write_table(codecs.timing_table(part_rows), buf)
-        storage.write_bytes_atomic(
-            storage.join(timing_dir(out, key), f"part-{part}.parquet"), buf.getvalue()
-        )
+        try:
+            storage.write_bytes_atomic(
+                storage.join(timing_dir(out, key), f"part-{part}.parquet"), buf.getvalue()
+            )
+        except Exception as e:  # no row on disk: the returned rows carry the reason instead
+            _fail(rows, status, error, key, f"timing write failed: {_reason(e)}", every=True)
     return {
         "id": np.asarray(batch["id"], dtype=object),
         "shard": np.asarray(batch["shard"], dtype=object),
@@ -117,6 +124,23 @@ def encode_write(batch: Batch, job: JobConfig) -> Batch:
         "error": objects(error),
         "decode_ms": np.asarray(batch.get("decode_ms", np.zeros(n)), dtype=np.float32),
     }
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {storage.redact(str(exc))}"
+
+
+def _fail(
+    rows: list[dict], status: list[str], error: list, key: str, reason: str, every: bool = False
+) -> None:
+    """Mark shard `key`'s ok rows (every row, if `every`) failed with `reason`; none claims output."""
+    for i, r in enumerate(rows):
+        if r["shard"] != key or (r["status"] != "ok" and not every):
+            continue
+        reason_i = reason if r["status"] == "ok" else f"{r['error']}; {reason}"
+        r.update(status="error", error=reason_i, output=None, bytes=0)
+        r.pop("baseline_output", None)
+        status[i], error[i] = "error", reason_i
 
 
 def _member_meta(row: dict[str, Any]) -> dict[str, Any]:

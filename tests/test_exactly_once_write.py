@@ -159,3 +159,69 @@ def test_list_files_skips_symlinks_leaving_the_prefix(tmp_path):
         f"file://{inp}/a.safetensors",
         f"file://{inp}/same.safetensors",
     ]
+
+
+def _decoded_rows(tmp_path, layout: str):
+    """A 3-sample shard read and 'decoded' (blank images), ready for encode_write."""
+    import numpy as np
+
+    from pid_batch import reader, resume
+    from pid_batch.job import JobConfig, ModelConfig, OutputConfig, ResourceConfig
+
+    job = JobConfig(
+        input=str(tmp_path / "in"),
+        output=str(tmp_path / "out"),
+        model=ModelConfig(backbone="flux", ckpt_type="2k", preset="tiny", fake_latency_ms=1),
+        images=OutputConfig(image_format="png", layout=layout),
+        resources=ResourceConfig(batch_size=4, encode_batch_size=4),
+    )
+    ids = ["w.0", "w.1", "w.2"]
+    lat = np.random.default_rng(0).standard_normal((3, 16, 2, 3)).astype(np.float32)
+    data = codecs.write_safetensors_shard(lat, ids, captions=["a cat"] * 3, backbone="flux")
+    storage.write_bytes_atomic(storage.join(job.input, "s.safetensors"), data)
+    todo, _ = resume.plan_shards(job)
+    batch = {k: np.asarray([v], dtype=object) for k, v in todo[0].items()}
+    rows = reader.read_shard(batch, job)
+    rows["image"] = np.empty(3, dtype=object)
+    rows["image"][:] = [bytes(int(h) * int(w) * 3) for h, w in zip(rows["height"], rows["width"])]
+    rows["status"] = np.where(rows["status"] == "pending", "ok", rows["status"]).astype(object)
+    return job, rows
+
+
+def _enospc_on(monkeypatch, pattern: str) -> list[str]:
+    import errno
+
+    real, hits = storage.write_bytes_atomic, []
+
+    def write(uri, data):
+        if pattern in uri:
+            hits.append(uri)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(uri, data)
+
+    monkeypatch.setattr(storage, "write_bytes_atomic", write)
+    return hits
+
+
+@pytest.mark.parametrize("layout, failing", [("tar", "_staging"), ("files", "/timing/")])
+def test_full_disk_makes_error_rows_not_a_crash(tmp_path, monkeypatch, layout, failing):
+    """ENOSPC while writing a tar part or the timing part: encode_write returns error rows."""
+    job, rows = _decoded_rows(tmp_path, layout)
+    hits = _enospc_on(monkeypatch, failing)
+    out = writer.encode_write(rows, job)
+    assert hits, "the failing write was never attempted"
+    assert list(out["status"]) == ["error"] * 3
+    assert all("No space left on device" in e for e in out["error"])
+    assert all("lost in the pipeline" not in e for e in out["error"])
+    staged = storage.list_files(storage.join(job.output, "_staging"))
+    timing = storage.list_files(storage.join(job.output, "timing"))
+    if failing == "_staging":  # rows still written, saying why; no image claimed
+        assert staged == [] and len(timing) == 1
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(timing[0]).to_pylist()
+        assert [r["status"] for r in table] == ["error"] * 3
+        assert all("No space left on device" in r["error"] for r in table)
+        assert all(r["output"] is None for r in table)
+    else:
+        assert timing == []
