@@ -60,6 +60,7 @@ class LatentSample:
     shard: str
     index: int
     error: str | None = None
+    source_id: str | None = None  # the id as the shard gave it, before sanitising (None: none)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,6 +367,7 @@ def _samples(
                 shard=name,
                 index=i,
                 error=None if ok else f"{name}[{i}] id={sid!r}: " + "; ".join(errs),
+                source_id=f["id"] if isinstance(f["id"], str) else None,
             )
         )
     return out
@@ -631,6 +633,7 @@ TIMING_SCHEMA = pa.schema(
         pa.field("baseline_ms", _MS),  # native VAE decode of the same latent
         pa.field("baseline_bytes", pa.int64()),
         pa.field("baseline_output", pa.string()),
+        pa.field("source_id", pa.string()),  # id as the input gave it (null: none, or old parts)
     ],
     metadata={"pid_batch.timing_version": "1"},
 )

@@ -46,7 +46,7 @@ _STR_COLUMNS = {"id", "shard", "status", "error", "backbone", "caption", "crop"}
 
 def _empty_rows() -> dict[str, list]:
     """Column lists of a batch being built, one list per column."""
-    return {c: [] for c in (*ROW_COLUMNS, "crop", *_BYTES_COLUMNS, *_SHAPE_COLUMNS)}
+    return {c: [] for c in (*ROW_COLUMNS, "crop", "source_id", *_BYTES_COLUMNS, *_SHAPE_COLUMNS)}
 
 
 def _columns(rows: dict[str, list]) -> Batch:
@@ -120,7 +120,7 @@ def read_shard(batch: Batch, job: JobConfig, duplicates: Any = None) -> Batch:
         n0 = len(rows["id"])
         for s in pending:
             if s.error or s.index in dups:
-                _add(rows, key, s.id, s.index, "error", s.error or dups[s.index], spec)
+                _add(rows, key, s.id, s.index, "error", s.error or dups[s.index], spec, s.source_id)
             else:
                 try:
                     backbone = s.backbone or spec.backbone
@@ -139,9 +139,11 @@ def read_shard(batch: Batch, job: JobConfig, duplicates: Any = None) -> Batch:
                     )
                     h, w = validate_latent_shape(spec, cfg, lq.shape, s.id, trained_sizes_only)
                 except (ValueError, TypeError) as e:
-                    _add(rows, key, s.id, s.index, "error", storage.redact(str(e)), spec)
+                    _add(
+                        rows, key, s.id, s.index, "error", storage.redact(str(e)), spec, s.source_id
+                    )
                 else:
-                    _add(rows, key, s.id, s.index, "pending", None, spec)
+                    _add(rows, key, s.id, s.index, "pending", None, spec, s.source_id)
                     rows["backbone"][-1] = backbone
                     rows["caption"][-1] = (
                         s.caption if s.caption is not None else job.sampling.caption
@@ -158,8 +160,9 @@ def read_shard(batch: Batch, job: JobConfig, duplicates: Any = None) -> Batch:
     return _columns(rows)
 
 
-def _add(rows, key, sample_id, index, status, error, spec: CheckpointSpec) -> None:
+def _add(rows, key, sample_id, index, status, error, spec: CheckpointSpec, source=None) -> None:
     rows["id"].append(sample_id)
+    rows["source_id"].append(source)
     rows["shard"].append(key)
     rows["index"].append(int(index))
     rows["shard_pending"].append(0)

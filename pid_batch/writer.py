@@ -145,7 +145,8 @@ def _fail(
 
 def _member_meta(row: dict[str, Any]) -> dict[str, Any]:
     """The JSON stored beside an image in a tar: what produced it."""
-    keys = ("id", "shard", "index", "backbone", "variant", "checkpoint", "height", "width")
+    keys = ("id", "source_id", "shard", "index", "backbone", "variant", "checkpoint", "height")
+    keys += ("width",)
     return {k: row[k] for k in keys} | {
         "steps": row["steps"],
         "seed": row["seed"],
@@ -239,4 +240,5 @@ def _timing_row(batch: Batch, i: int, job: JobConfig) -> dict[str, Any]:
         "crop": cell_str(get("crop")),
         "vae_encode_ms": float(get("vae_encode_ms", 0.0)),
         "baseline_ms": float(get("baseline_ms", 0.0)) or None,
+        "source_id": cell_str(get("source_id")),
     }

@@ -175,7 +175,7 @@ def _decoded_rows(tmp_path, layout: str):
         images=OutputConfig(image_format="png", layout=layout),
         resources=ResourceConfig(batch_size=4, encode_batch_size=4),
     )
-    ids = ["w.0", "w.1", "w.2"]
+    ids = ["w.0", "dir/name", "w.2"]
     lat = np.random.default_rng(0).standard_normal((3, 16, 2, 3)).astype(np.float32)
     data = codecs.write_safetensors_shard(lat, ids, captions=["a cat"] * 3, backbone="flux")
     storage.write_bytes_atomic(storage.join(job.input, "s.safetensors"), data)
@@ -225,3 +225,24 @@ def test_full_disk_makes_error_rows_not_a_crash(tmp_path, monkeypatch, layout, f
         assert all(r["output"] is None for r in table)
     else:
         assert timing == []
+
+
+def test_original_id_kept_in_timing_and_tar_json(tmp_path):
+    """'dir/name' is sanitised for keys; the timing row and the tar JSON keep it as given."""
+    import pyarrow.parquet as pq
+
+    from pid_batch import summary
+
+    job, rows = _decoded_rows(tmp_path, "tar")
+    out = writer.encode_write(rows, job)
+    assert list(out["status"]) == ["ok"] * 3
+    writer.finish_shard(job, "s.safetensors", all_ok=True)
+    (part,) = storage.list_files(storage.join(job.output, "timing"))
+    got = {r["id"]: r["source_id"] for r in pq.read_table(part).to_pylist()}
+    assert got == {"w.0": "w.0", codecs.sanitize_id("dir/name"): "dir/name", "w.2": "w.2"}
+    tar = codecs.read_tar(storage.read_bytes(tar_uri(job.output, "s.safetensors")))
+    metas = [json.loads(v) for k, v in tar.items() if k.endswith(".json")]
+    assert sorted(m["source_id"] for m in metas) == ["dir/name", "w.0", "w.2"]
+    old = pq.read_table(part).drop_columns(["source_id"])  # a part written before the column
+    pq.write_table(old.set_column(0, "id", old.column("id")), part)
+    assert summary.read_timing(job.output).num_rows == 3  # old parts stay readable
