@@ -60,6 +60,7 @@ class LatentSample:
     shard: str
     index: int
     error: str | None = None
+    source_id: str | None = None  # the id as the shard gave it, before sanitising (None: none)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,8 +128,8 @@ def _parse_safetensors(data: bytes, name: str) -> tuple[dict[str, _Tensor], dict
     if len(data) < 8:
         raise ShardError(name, f"truncated: {len(data)} bytes, not a safetensors file")
     n = int.from_bytes(data[:8], "little")
-    if n < 2 or n > len(data) - 8:
-        raise ShardError(name, f"header length {n} does not fit a {len(data)}-byte file")
+    if n < 2 or n > len(data) - 8:  # the length is file bytes: never quoted
+        raise ShardError(name, f"invalid header length: does not fit a {len(data)}-byte file")
     try:
         header = json.loads(bytes(data[8 : 8 + n]))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -141,20 +142,45 @@ def _parse_safetensors(data: bytes, name: str) -> tuple[dict[str, _Tensor], dict
     body = memoryview(data)[8 + n :]
     tensors = {}
     for key, spec in header.items():
-        try:
-            dtype, shape, (lo, hi) = spec["dtype"], tuple(spec["shape"]), spec["data_offsets"]
-            ok = dtype in _ST_DTYPES and all(isinstance(d, int) and d >= 0 for d in shape)
-            ok = (
-                ok
-                and 0 <= lo <= hi <= len(body)
-                and hi - lo == math.prod(shape) * _ST_DTYPES[dtype][1]
-            )
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        if not ok:
+        if not _entry_fits(spec, len(body)):
             raise ShardError(name, f"tensor {key!r} has a bad or truncated entry {spec!r}")
-        tensors[key] = _Tensor(dtype, shape, body[lo:hi])
+        lo, hi = spec["data_offsets"]
+        tensors[key] = _Tensor(spec["dtype"], tuple(spec["shape"]), body[lo:hi])
     return tensors, meta
+
+
+def _entry_fits(spec: object, body_len: int) -> bool:
+    """Whether a safetensors header entry is well-formed and its bytes lie in a body_len body."""
+    try:
+        dtype, shape, (lo, hi) = spec["dtype"], tuple(spec["shape"]), spec["data_offsets"]
+        return (
+            dtype in _ST_DTYPES
+            and all(isinstance(d, int) and d >= 0 for d in shape)
+            and isinstance(lo, int)
+            and isinstance(hi, int)
+            and 0 <= lo <= hi <= body_len
+            and hi - lo == math.prod(shape) * _ST_DTYPES[dtype][1]
+        )
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def _latents_count(spec: object, name: str, file_len: int, body_len: float = math.inf) -> int:
+    """N of a well-formed float 'latents' entry [N, ...] whose bytes fit a body_len body.
+
+    Each declared sample must account for at least one byte of the file (its latent, or its id
+    in the header), so N ≤ file_len and all per-sample work is bounded by the input's size.
+    """
+    if not _entry_fits(spec, body_len) or spec["dtype"] not in _FLOAT_ST or not spec["shape"]:
+        raise ShardError(name, "needs a float tensor 'latents' [N, ...] that fits the file")
+    n = int(spec["shape"][0])
+    if n == 0:
+        raise ShardError(name, "shard has no samples")
+    if n > file_len:
+        raise ShardError(
+            name, f"'latents' declares {n} samples, more than a {file_len}-byte file holds"
+        )
+    return n
 
 
 def _safetensors_bytes(
@@ -345,6 +371,7 @@ def _samples(
                 shard=name,
                 index=i,
                 error=None if ok else f"{name}[{i}] id={sid!r}: " + "; ".join(errs),
+                source_id=f["id"] if isinstance(f["id"], str) else None,
             )
         )
     return out
@@ -382,11 +409,10 @@ def _read_safetensors(
 ) -> list[LatentSample]:
     tensors, meta = _parse_safetensors(data, name)
     lat = tensors.get("latents")
-    if lat is None or lat.dtype not in _FLOAT_ST or len(lat.shape) < 1:
+    if lat is None:
         raise ShardError(name, f"needs a float tensor 'latents' [N, ...], has {sorted(tensors)}")
-    n = lat.shape[0]
-    if n == 0:
-        raise ShardError(name, "shard has no samples")
+    spec = {"dtype": lat.dtype, "shape": list(lat.shape), "data_offsets": [0, len(lat.raw)]}
+    n = _latents_count(spec, name, len(data), len(lat.raw))
     if meta.get("latent_format") not in (None, *LATENT_FORMATS):
         raise ShardError(
             name, f"latent_format must be one of {LATENT_FORMATS}, got {meta['latent_format']!r}"
@@ -452,14 +478,18 @@ def safetensors_header_bytes(prefix: bytes, name: str = "<shard>") -> int:
     if len(prefix) < SAFETENSORS_PREFIX_BYTES:
         raise ShardError(name, f"truncated: {len(prefix)} bytes, not a safetensors file")
     n = int.from_bytes(prefix[:SAFETENSORS_PREFIX_BYTES], "little")
-    if not 2 <= n <= MAX_HEADER_BYTES:
-        raise ShardError(name, f"header length {n} is not in [2, {MAX_HEADER_BYTES}]")
+    if not 2 <= n <= MAX_HEADER_BYTES:  # the length is file bytes: never quoted
+        raise ShardError(name, f"invalid header length (not in [2, {MAX_HEADER_BYTES}])")
     return SAFETENSORS_PREFIX_BYTES + n
 
 
-def read_shard_ids(data: bytes, name: str, stem: str | None = None) -> list[str]:
+def read_shard_ids(
+    data: bytes, name: str, stem: str | None = None, size: int | None = None
+) -> list[str]:
     """Sample ids as read_shard assigns them, cheaply: a safetensors shard needs only its header
-    (see safetensors_header_bytes), a Parquet shard only its `id` column is decoded."""
+    (see safetensors_header_bytes; `size` = the whole file's bytes when `data` is the header
+    alone), a Parquet shard only its `id` column is decoded. A declared sample count that
+    cannot fit the file is refused before anything per sample is allocated."""
     stem = stem or id_stem(name)
     if name.lower().endswith(".safetensors"):
         end = safetensors_header_bytes(data, name)
@@ -469,11 +499,14 @@ def read_shard_ids(data: bytes, name: str, stem: str | None = None) -> list[str]
             header = json.loads(bytes(data[SAFETENSORS_PREFIX_BYTES:end]))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ShardError(name, f"unreadable safetensors header ({e})") from None
-        shape = header.get("latents", {}).get("shape") if isinstance(header, dict) else None
-        meta = header.get("__metadata__") or {}
-        if not isinstance(shape, list) or not shape or not isinstance(meta, dict):
+        meta = header.get("__metadata__") or {} if isinstance(header, dict) else None
+        if not isinstance(meta, dict) or "latents" not in header:
             raise ShardError(name, "no 'latents' tensor or metadata in the header")
-        raw = _json_list(meta, "ids", int(shape[0]), name)
+        if size is None:  # header alone: the entry's offsets cannot be checked against the body
+            n = _latents_count(header["latents"], name, len(data))
+        else:
+            n = _latents_count(header["latents"], name, size, size - end)
+        raw = _json_list(meta, "ids", n, name)
     elif name.lower().endswith(".parquet"):
         try:
             pf = pq.ParquetFile(pa.BufferReader(data))
@@ -617,6 +650,7 @@ TIMING_SCHEMA = pa.schema(
         pa.field("baseline_ms", _MS),  # native VAE decode of the same latent
         pa.field("baseline_bytes", pa.int64()),
         pa.field("baseline_output", pa.string()),
+        pa.field("source_id", pa.string()),  # id as the input gave it (null: none, or old parts)
         # The input shard's identity when this row was made (resume.fingerprint): rows of an
         # earlier content of the same shard are superseded. Null in tables written before it.
         pa.field("input_fingerprint", pa.string()),
@@ -675,11 +709,25 @@ def validate_timing_table(t: pa.Table) -> None:
 # WebDataset tars
 
 
+def tar_key(sample_id: str) -> str:
+    """The WebDataset key of a sample in our tars: the id with no '.', distinct ids kept distinct.
+
+    WebDataset splits a member name at the first '.' of its basename ('<key>.<suffix>'), so a
+    dotted id would merge samples ('img.001', 'img.002' → 'img'). Dot-free ids stay as they
+    are; others get '.' → '_' plus '--' and 12 hex of sha256(id), as sanitize_id does.
+    """
+    if "." not in sample_id:
+        return sample_id
+    digest = hashlib.sha256(sample_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{sample_id.replace('.', '_')[: MAX_ID_CHARS - 14]}--{digest}"
+
+
 def sample_members(sample_id: str, ext: str, payload: bytes, meta: dict) -> list[tuple[str, bytes]]:
-    """The two tar members of one sample: '<id>.<ext>' and '<id>.json' (sorted keys)."""
+    """The two tar members of one sample: '<key>.<ext>' and '<key>.json' (key = tar_key(id))."""
+    key = tar_key(sample_id)
     return [
-        (f"{sample_id}.{ext}", payload),
-        (f"{sample_id}.json", json.dumps(meta, sort_keys=True).encode()),
+        (f"{key}.{ext}", payload),
+        (f"{key}.json", json.dumps(meta, sort_keys=True).encode()),
     ]
 
 

@@ -65,15 +65,10 @@ def timing_dir(out: str, key: str) -> str:
     return storage.join(out, "timing", key)
 
 
-MARKER_SEP = "@"  # never in a shard key (codecs.sanitize_id keeps [A-Za-z0-9._-])
-
-
-def marker_uri(out: str, key: str, fingerprint: str) -> str:
-    """<out>/_done/<shard key>@<input fingerprint>.json: written last, once every sample of the
-    shard, as it was when fingerprinted, has an ok row. One listing of _done/ then tells which
-    content of each shard is done. (Outputs written before fingerprints have
-    <out>/_done/<shard key>.json: see resume.plan_shards.)"""
-    return storage.join(out, "_done", f"{key}{MARKER_SEP}{fingerprint}.json")
+def marker_uri(out: str, key: str) -> str:
+    """<out>/_done/<shard key>.json: written last, once every sample of the shard has an ok row;
+    it holds the input fingerprint the shard was decoded from (writer.finish_shard)."""
+    return storage.join(out, "_done", f"{key}.json")
 
 
 def staging_uri(out: str, key: str, part: str) -> str:

@@ -47,7 +47,7 @@ _STR_COLUMNS = {"id", "shard", "status", "error", "backbone", "caption", "crop",
 
 def _empty_rows() -> dict[str, list]:
     """Column lists of a batch being built, one list per column."""
-    return {c: [] for c in (*ROW_COLUMNS, "crop", *_BYTES_COLUMNS, *_SHAPE_COLUMNS)}
+    return {c: [] for c in (*ROW_COLUMNS, "crop", "source_id", *_BYTES_COLUMNS, *_SHAPE_COLUMNS)}
 
 
 def _columns(rows: dict[str, list]) -> Batch:
@@ -122,6 +122,7 @@ def read_shard(batch: Batch, job: JobConfig, duplicates: Any = None) -> Batch:
         for s in pending:
             if s.error or s.index in dups:
                 _add(rows, key, s.id, s.index, "error", s.error or dups[s.index], spec, fp)
+                rows["source_id"][-1] = s.source_id
             else:
                 try:
                     backbone = s.backbone or spec.backbone
@@ -141,8 +142,10 @@ def read_shard(batch: Batch, job: JobConfig, duplicates: Any = None) -> Batch:
                     h, w = validate_latent_shape(spec, cfg, lq.shape, s.id, trained_sizes_only)
                 except (ValueError, TypeError) as e:
                     _add(rows, key, s.id, s.index, "error", storage.redact(str(e)), spec, fp)
+                    rows["source_id"][-1] = s.source_id
                 else:
                     _add(rows, key, s.id, s.index, "pending", None, spec, fp)
+                    rows["source_id"][-1] = s.source_id
                     rows["backbone"][-1] = backbone
                     rows["caption"][-1] = (
                         s.caption if s.caption is not None else job.sampling.caption
@@ -162,6 +165,7 @@ def read_shard(batch: Batch, job: JobConfig, duplicates: Any = None) -> Batch:
 def _add(rows, key, sample_id, index, status, error, spec: CheckpointSpec, fp: str) -> None:
     rows["id"].append(sample_id)
     rows["fingerprint"].append(fp)
+    rows["source_id"].append(None)
     rows["shard"].append(key)
     rows["index"].append(int(index))
     rows["shard_pending"].append(0)

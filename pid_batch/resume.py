@@ -10,6 +10,7 @@ import io
 import time
 import uuid
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,6 @@ import pyarrow.parquet as pq
 from pid_batch import codecs, storage
 from pid_batch.job import IMAGE_SUFFIXES, JobConfig, JobConfigError
 from pid_batch.layout import (
-    MARKER_SEP,
     Batch,
     image_sample_id,
     marker_uri,
@@ -128,21 +128,22 @@ def _refuse_collisions(names) -> None:
 def plan_shards(job: JobConfig) -> Plan:
     """Which shards to do, from one listing of the input and one of `<out>/_done/`.
 
-    A shard is done when a marker for its current fingerprint exists (or a marker of an output
-    written before fingerprints: `_done/<key>.json`, trusted as it is). A shard whose marker or
+    A shard is done when its marker records its current fingerprint (a marker written before
+    fingerprints, with none, is trusted as it is). A shard whose marker or
     timing rows carry another fingerprint has changed: `job.changed_inputs` says whether it is
     decoded again (supersede() clears its marker and tar first) or the run is refused. Reads
     nothing but listings and the timing parts of unfinished shards; writes nothing.
     """
     shards = list_shards(job)
-    done, legacy = _markers(job.output)
+    marked = _markers(job.output, {s.key for s in shards})
     todo, changed, skipped = [], [], 0
     for s in shards:
-        marked = done.get(s.key, set())
-        if s.fingerprint in marked or (s.key in legacy and not marked):
+        if s.key in marked and marked[s.key] in (None, s.fingerprint):
             skipped += 1
             continue
-        ok_ids, other = ([], True) if marked else done_ids(job.output, s.key, s.fingerprint)
+        ok_ids, other = (
+            ([], True) if s.key in marked else done_ids(job.output, s.key, s.fingerprint)
+        )
         if other:
             changed.append(s)
             ok_ids = []
@@ -162,7 +163,6 @@ def supersede(job: JobConfig, changed: list[Shard]) -> None:
     (layout "files"), tar, staged parts, timing parts, and done markers last, so that a crash
     half-way leaves a marker or rows that still flag the shard as changed on the next plan."""
     out = job.output
-    done, _ = _markers(out)
     for s in changed:
         parts = _listed(timing_dir(out, s.key), suffixes=(".parquet",))
         for uri in parts:
@@ -174,9 +174,7 @@ def supersede(job: JobConfig, changed: list[Shard]) -> None:
         storage.delete(tar_uri(out, s.key))
         for uri in _listed(storage.join(out, "_staging", s.key)) + parts:
             storage.delete(uri)
-        for fp in sorted(done.get(s.key, ())):
-            storage.delete(marker_uri(out, s.key, fp))
-        storage.delete(storage.join(out, "_done", f"{s.key}.json"))
+        storage.delete(marker_uri(out, s.key))
 
 
 def _listed(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
@@ -186,19 +184,30 @@ def _listed(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
         return []
 
 
-def _markers(out: str) -> tuple[dict[str, set[str]], set[str]]:
-    """From one listing of <out>/_done/: key → fingerprints marked, and keys with old markers."""
+MARKER_READ_THREADS = 32
+
+
+def _markers(out: str, keys: set[str]) -> dict[str, str | None]:
+    """shard key → the fingerprint its done marker records (None: a marker written before
+    fingerprints), for the given keys; one listing of <out>/_done/, then the markers read side
+    by side (each is a small object; the time is round trips)."""
     root = storage.join(out, "_done")
-    done: dict[str, set[str]] = defaultdict(set)
-    legacy: set[str] = set()
+    found = {}
     for uri in _listed(root, suffixes=(".json",)):
-        name = relative(root, uri)[: -len(".json")]
-        if MARKER_SEP in name:
-            key, fp = name.rsplit(MARKER_SEP, 1)
-            done[key].add(fp)
-        else:
-            legacy.add(name)
-    return done, legacy
+        key = relative(root, uri)[: -len(".json")]
+        if key in keys:
+            found[key] = uri
+
+    def read(uri: str) -> str | None:
+        try:
+            return storage.read_json(uri).get("fingerprint")
+        except (FileNotFoundError, ValueError, AttributeError):
+            return None
+
+    if not found:
+        return {}
+    with ThreadPoolExecutor(min(MARKER_READ_THREADS, len(found))) as pool:
+        return dict(zip(found, pool.map(read, found.values()), strict=True))
 
 
 def done_ids(out: str, key: str, fp: str | None = None) -> tuple[list[str], bool]:
@@ -228,9 +237,8 @@ def shard_ids(uri: str, key: str) -> list[str]:
     if uri.lower().endswith(".safetensors"):
         head = storage.read_range(uri, 0, codecs.SAFETENSORS_PREFIX_BYTES)
         end = codecs.safetensors_header_bytes(head, uri)
-        return codecs.read_shard_ids(
-            head + storage.read_range(uri, len(head), end - len(head)), uri, stem
-        )
+        data = head + storage.read_range(uri, len(head), end - len(head))
+        return codecs.read_shard_ids(data, uri, stem, size=storage.size(uri))
     return codecs.read_shard_ids(storage.read_bytes(uri), uri, stem)
 
 

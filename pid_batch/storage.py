@@ -274,7 +274,13 @@ class Entry(NamedTuple):
 def list_entries(
     uri: str, suffixes: tuple[str, ...] | list[str] | str | None = None, recursive: bool = True
 ) -> list[Entry]:
-    """Files under uri (or uri itself if it is a file), sorted by URI; dotfiles are skipped."""
+    """Files under uri (or uri itself if it is a file), sorted by URI; dotfiles are skipped.
+
+    Local listings skip (with a warning naming the path, nothing of its content) any entry
+    whose real path, symlinks resolved, lies outside the listed folder's real path: a shard
+    linked to /etc/passwd, or a linked folder elsewhere, is not input. A file named directly
+    as uri is taken as given.
+    """
     kind, path = _split(uri)
     fs, _ = resolve(uri)
     if isinstance(suffixes, str):
@@ -293,6 +299,9 @@ def list_entries(
             continue
         if suffixes and not fi.base_name.lower().endswith(tuple(s.lower() for s in suffixes)):
             continue
+        if kind != "s3" and info.type != pafs.FileType.File and not _inside(fi.path, path):
+            log.warning("skipping %s: a symlink that resolves outside %s", fi.path, path)
+            continue
         out.append(Entry(_to_uri(kind, fi.path), int(fi.size or 0), int(fi.mtime_ns or 0)))
     return sorted(out)
 
@@ -300,8 +309,15 @@ def list_entries(
 def list_files(
     uri: str, suffixes: tuple[str, ...] | list[str] | str | None = None, recursive: bool = True
 ) -> list[str]:
-    """Sorted full URIs of the files under uri (or [uri] if it is a file); dotfiles are skipped."""
+    """Sorted full URIs of the files under uri (or [uri] if it is a file); dotfiles are skipped
+    (and local entries resolving outside uri, see list_entries)."""
     return [e.uri for e in list_entries(uri, suffixes, recursive)]
+
+
+def _inside(path: str, root: str) -> bool:
+    """Whether path's real location (symlinks resolved) is root's real location or under it."""
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    return real == top or real.startswith(top.rstrip("/") + "/")
 
 
 def read_bytes(uri: str) -> bytes:

@@ -59,7 +59,7 @@ def encode_write(batch: Batch, job: JobConfig) -> Batch:
                 t1 = time.perf_counter()
                 if tar:
                     staged[key] += codecs.sample_members(sid, ext, data, _member_meta(row))
-                    output = f"shards/{key}.tar:{sid}.{ext}"
+                    output = f"shards/{key}.tar:{codecs.tar_key(sid)}.{ext}"
                 else:
                     uri = image_uri(out, sid, fmt)
                     storage.write_bytes_atomic(uri, data)
@@ -79,8 +79,9 @@ def encode_write(batch: Batch, job: JobConfig) -> Batch:
             try:
                 data = codecs.encode_image(unpack_image(batch["baseline"][i]), fmt, quality)
                 if tar:
-                    staged[key].append((f"{sid}.baseline.{ext}", data))
-                    row["baseline_output"] = f"shards/{key}.tar:{sid}.baseline.{ext}"
+                    member = f"{codecs.tar_key(sid)}.baseline.{ext}"
+                    staged[key].append((member, data))
+                    row["baseline_output"] = f"shards/{key}.tar:{member}"
                 else:
                     uri = storage.join(out, "baseline", f"{sid}.{ext}")
                     storage.write_bytes_atomic(uri, data)
@@ -94,7 +95,11 @@ def encode_write(batch: Batch, job: JobConfig) -> Batch:
     part = uuid.uuid4().hex[:16]
     for key, members in staged.items():  # staged tar parts first: rows must follow their images
         t0 = time.perf_counter()
-        storage.write_bytes_atomic(staging_uri(out, key, part), codecs.build_tar(members))
+        try:  # write_bytes_atomic retries transient errors; what is left is permanent
+            storage.write_bytes_atomic(staging_uri(out, key, part), codecs.build_tar(members))
+        except Exception as e:
+            _fail(rows, status, error, key, f"write failed: {_reason(e)}")
+            continue
         share = (time.perf_counter() - t0) * 1000 / max(1, len(members) // 2)
         for r in rows:
             if r["shard"] == key and r["status"] == "ok":
@@ -105,9 +110,12 @@ def encode_write(batch: Batch, job: JobConfig) -> Batch:
     for key, part_rows in by_shard.items():
         buf = io.BytesIO()
         pq.write_table(codecs.timing_table(part_rows), buf)
-        storage.write_bytes_atomic(
-            storage.join(timing_dir(out, key), f"part-{part}.parquet"), buf.getvalue()
-        )
+        try:
+            storage.write_bytes_atomic(
+                storage.join(timing_dir(out, key), f"part-{part}.parquet"), buf.getvalue()
+            )
+        except Exception as e:  # no row on disk: the returned rows carry the reason instead
+            _fail(rows, status, error, key, f"timing write failed: {_reason(e)}", every=True)
     return {
         "id": np.asarray(batch["id"], dtype=object),
         "shard": np.asarray(batch["shard"], dtype=object),
@@ -118,9 +126,27 @@ def encode_write(batch: Batch, job: JobConfig) -> Batch:
     }
 
 
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {storage.redact(str(exc))}"
+
+
+def _fail(
+    rows: list[dict], status: list[str], error: list, key: str, reason: str, every: bool = False
+) -> None:
+    """Mark shard `key`'s ok rows (every row, if `every`) failed with `reason`; none claims output."""
+    for i, r in enumerate(rows):
+        if r["shard"] != key or (r["status"] != "ok" and not every):
+            continue
+        reason_i = reason if r["status"] == "ok" else f"{r['error']}; {reason}"
+        r.update(status="error", error=reason_i, output=None, bytes=0)
+        r.pop("baseline_output", None)
+        status[i], error[i] = "error", reason_i
+
+
 def _member_meta(row: dict[str, Any]) -> dict[str, Any]:
     """The JSON stored beside an image in a tar: what produced it."""
-    keys = ("id", "shard", "index", "backbone", "variant", "checkpoint", "height", "width")
+    keys = ("id", "source_id", "shard", "index", "backbone", "variant", "checkpoint", "height")
+    keys += ("width",)
     return {k: row[k] for k in keys} | {
         "steps": row["steps"],
         "seed": row["seed"],
@@ -128,29 +154,43 @@ def _member_meta(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def assemble_tar(job: JobConfig, key: str) -> int:
-    """Merge a shard's staged parts (and its existing tar, from earlier runs) into one tar.
+def assemble_tar(job: JobConfig, key: str, attempts: int = 20) -> int:
+    """Merge a shard's staged parts into <out>/shards/<shard>.tar; the number of members.
 
-    The tar is written atomically, then the staged parts are deleted; a rerun after a crash
-    between the two merges the same members again. Returns the number of members.
+    The final tar is the union of what it held and the parts read now, written with a
+    compare-and-swap on its version: a finisher that raced another re-reads and retries, so no
+    member is dropped. Only the parts merged into a written tar are deleted, after the write; a
+    crash in between merges them again (same names, kept once).
     """
     out = job.output
-    members: dict[str, bytes] = {}
     final = tar_uri(out, key)
-    if storage.exists(final):
-        members.update(codecs.read_tar(storage.read_bytes(final)))
-    try:
+    for _ in range(attempts):
+        before = storage.version(final)
+        members: dict[str, bytes] = {}
+        if before is not None:
+            try:
+                members.update(codecs.read_tar(storage.read_bytes(final)))
+            except FileNotFoundError:
+                continue  # replaced or removed since version(): read again
         parts = storage.list_files(storage.join(out, "_staging", key), suffixes=(".tar",))
-    except FileNotFoundError:
-        parts = []
-    for uri in parts:
-        for name, data in codecs.read_tar(storage.read_bytes(uri)).items():
-            members.setdefault(name, data)  # a retried task may have staged a sample twice
-    if parts:
-        storage.write_bytes_atomic(final, codecs.build_tar(sorted(members.items())))
+        merged = []
         for uri in parts:
-            storage.delete(uri)
-    return len(members)
+            try:
+                data = storage.read_bytes(uri)
+            except FileNotFoundError:
+                continue  # another finisher merged and deleted it: it is in the tar it wrote
+            for name, payload in codecs.read_tar(data).items():
+                members.setdefault(name, payload)  # a retried task may have staged a sample twice
+            merged.append(uri)
+        if not merged:
+            if storage.version(final) == before:
+                return len(members)
+            continue
+        if storage.replace_if(final, codecs.build_tar(sorted(members.items())), before):
+            for uri in merged:
+                storage.delete(uri)
+            return len(members)
+    raise RuntimeError(f"tar for shard {key!r} kept changing under {attempts} merge attempts")
 
 
 def finish_shard(job: JobConfig, key: str, fingerprint: str, all_ok: bool) -> None:
@@ -160,7 +200,7 @@ def finish_shard(job: JobConfig, key: str, fingerprint: str, all_ok: bool) -> No
         assemble_tar(job, key)
     if all_ok:
         storage.write_json_atomic(
-            marker_uri(job.output, key, fingerprint), {"shard": key, "fingerprint": fingerprint}
+            marker_uri(job.output, key), {"shard": key, "fingerprint": fingerprint}
         )
 
 
@@ -203,5 +243,6 @@ def _timing_row(batch: Batch, i: int, job: JobConfig) -> dict[str, Any]:
         "crop": cell_str(get("crop")),
         "vae_encode_ms": float(get("vae_encode_ms", 0.0)),
         "baseline_ms": float(get("baseline_ms", 0.0)) or None,
+        "source_id": cell_str(get("source_id")),
         "input_fingerprint": cell_str(get("fingerprint")),
     }
