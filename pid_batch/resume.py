@@ -231,9 +231,12 @@ def done_ids(out: str, key: str, fp: str | None = None) -> tuple[list[str], bool
     return sorted(ids), other
 
 
-def shard_ids(uri: str, key: str) -> list[str]:
-    """A shard's sample ids without its latents: a safetensors header, a Parquet id column."""
-    stem = codecs.id_stem(key)
+def shard_ids(uri: str, key: str | None = None) -> list[str]:
+    """A shard's sample ids without its latents: a safetensors header, a Parquet id column.
+
+    key: the shard's output key, whose stem prefixes the ids of samples without one (as the read
+    stage names them); default the file name's."""
+    stem = codecs.id_stem(key) if key else None
     if uri.lower().endswith(".safetensors"):
         head = storage.read_range(uri, 0, codecs.SAFETENSORS_PREFIX_BYTES)
         end = codecs.safetensors_header_bytes(head, uri)

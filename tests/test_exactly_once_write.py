@@ -179,7 +179,7 @@ def _decoded_rows(tmp_path, layout: str):
     lat = np.random.default_rng(0).standard_normal((3, 16, 2, 3)).astype(np.float32)
     data = codecs.write_safetensors_shard(lat, ids, captions=["a cat"] * 3, backbone="flux")
     storage.write_bytes_atomic(storage.join(job.input, "s.safetensors"), data)
-    todo, _ = resume.plan_shards(job)
+    todo = resume.plan_shards(job).todo
     batch = {k: np.asarray([v], dtype=object) for k, v in todo[0].items()}
     rows = reader.read_shard(batch, job)
     rows["image"] = np.empty(3, dtype=object)
