@@ -219,11 +219,16 @@ def start_duplicate_scan(job: JobConfig) -> ray.ObjectRef | None:
 
 
 def ensure_ray(job: JobConfig, **init_kwargs: Any) -> None:
-    """Connect to the job's cluster (ray_address / RAY_ADDRESS) or start a local Ray."""
+    """Connect to the job's cluster (ray_address / RAY_ADDRESS) or start a private local Ray.
+
+    Without an address Ray's own default attaches to any cluster a `ray start` left on the
+    machine; "local" always starts a Ray of this job's own. `ray_address: auto` joins the
+    machine's cluster on purpose.
+    """
     if ray.is_initialized():
         return
-    address = job.ray_address or os.environ.get("RAY_ADDRESS")
-    if address is None:
+    address = job.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
         for k, v in LOCAL_RAY_ENV.items():
             os.environ.setdefault(k, v)
     # Workers on other nodes do not share the driver's environment: pass the S3 endpoint and
