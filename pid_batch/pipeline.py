@@ -218,6 +218,13 @@ def start_duplicate_scan(job: JobConfig) -> ray.ObjectRef | None:
     return ray.remote(num_cpus=0.25)(resume.duplicates_in_parts).remote(keys, *parts)
 
 
+def preflight(job: JobConfig) -> None:
+    """Weights exist, match their pin and fit the network: checked before Ray and run.json."""
+    from pid_batch.checkpoint import preflight as check_weights  # torch: the driver only
+
+    check_weights(job)
+
+
 def ensure_ray(job: JobConfig, **init_kwargs: Any) -> None:
     """Connect to the job's cluster (ray_address / RAY_ADDRESS) or start a private local Ray.
 
@@ -246,6 +253,7 @@ def ensure_ray(job: JobConfig, **init_kwargs: Any) -> None:
 def run(job: JobConfig, *, log: TextIO | None = sys.stderr, **init_kwargs: Any) -> RunResult:
     """Run a decode job to completion; resumable: rerunning skips what is already done."""
     t0 = time.time()
+    preflight(job)
     check_output(job)
     todo, skipped = resume.plan_shards(job)
     ensure_ray(job, **init_kwargs)
