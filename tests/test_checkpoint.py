@@ -9,6 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+# imported at collection: run() binds sys.stderr as its default log when first imported
+from pid_batch import pipeline
 from pid_batch.checkpoint import load_net, read_state_dict, save_checkpoint
 from pid_batch.config import VARIANTS, tiny
 from pid_batch.model import PidNet
@@ -203,7 +205,7 @@ def _tampered_job(tmp_path: Path, key_to_rename: str | None):
 
 
 def test_tampered_checkpoint_fails_on_the_driver_in_one_line(tmp_path, capsys, monkeypatch):
-    from pid_batch import cli, pipeline
+    from pid_batch import cli
 
     monkeypatch.setattr(pipeline, "ensure_ray", lambda *a, **k: pytest.fail("Ray was started"))
     _, first_key = _tampered_job(tmp_path, None)
