@@ -89,6 +89,7 @@ def start_ray(num_cpus: int = 2, object_store_mb: int = 1024, **kwargs: Any) -> 
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     t0 = time.perf_counter()
     ray.init(
+        address="local",
         num_cpus=num_cpus,
         include_dashboard=False,
         object_store_memory=object_store_mb * 2**20,

@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
         ),
     )
     ray.init(
+        address="local",
         num_cpus=args.num_cpus,
         include_dashboard=False,
         object_store_memory=args.object_store_mb * 2**20,

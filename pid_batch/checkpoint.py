@@ -146,3 +146,48 @@ def save_checkpoint(
         raise ValueError(
             f"{path}: unknown checkpoint suffix {path.suffix!r} (.pth, .pt, .safetensors)"
         )
+
+
+def _shapes_safetensors(path: Path) -> dict[str, tuple[int, ...]]:
+    with safe_open(str(path), framework="pt", device="cpu") as f:  # header only
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def file_shapes(path: str | Path) -> dict[str, torch.Size]:
+    """Key → shape of a checkpoint without reading its tensors (safetensors header / mmap'd .pth)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        raw = _shapes_safetensors(path)
+        return {(k[len(PREFIX) :] if k.startswith(PREFIX) else k): v for k, v in raw.items()}
+    return {k: v.shape for k, v in read_state_dict(path).items()}  # mmap: no tensor data read
+
+
+def preflight(job) -> None:
+    """On the driver, before Ray or any output: the job's weights exist, are pinned and fit the net.
+
+    Raises ValueError / FileNotFoundError with one line naming what is wrong.
+    """
+    from pid_batch import storage
+    from pid_batch.sample_checks import net_config_for
+
+    m = job.model
+    for what, uri in (("model.text_encoder", m.text_encoder), ("model.vae", m.vae)):
+        if uri is not None and not storage.list_files(uri):
+            raise FileNotFoundError(f"{what}: no files at {uri}")
+    if m.checkpoint is None or m.fake_latency_ms is not None:
+        return
+    if not storage.is_local(m.checkpoint):
+        if not storage.exists(m.checkpoint):
+            raise FileNotFoundError(f"model.checkpoint: not found: {m.checkpoint}")
+        return  # remote: the node cache checks the pin and the keys when it downloads
+    path = storage.fetch_to_cache(m.checkpoint, sha256=m.checkpoint_sha256)
+    with torch.device("meta"):
+        net = PidNet(net_config_for(m.spec, m.preset))
+    shapes = file_shapes(path)
+    try:
+        check_state_dict(
+            {k: torch.empty(s, device="meta") for k, s in shapes.items()},
+            {k: v.shape for k, v in net.state_dict().items()},
+        )
+    except ValueError as e:
+        raise ValueError(f"model.checkpoint {m.checkpoint}: " + " ".join(str(e).split())) from None

@@ -72,11 +72,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from pid_batch.inspect_data import format_inspect, inspect_dataset
+    from pid_batch.inspect_data import format_inspect, has_problems, inspect_dataset
 
     d = inspect_dataset(args.uri, limit=args.limit)
     print(json.dumps(d, indent=2, default=str) if args.json else format_inspect(d))
-    return 0
+    return 1 if has_problems(d) else 0
 
 
 def _pairs(text: str | None) -> dict[str, int] | None:

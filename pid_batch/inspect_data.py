@@ -82,7 +82,10 @@ def inspect_dataset(uri: str, limit: int | None = None) -> dict[str, Any]:
                 seen.setdefault(s.id, shard)
                 if s.error is not None:
                     for part in s.error.split("; "):
-                        p = problems.setdefault(error_reason(part), {"count": 0, "examples": []})
+                        # grouped by the number-free reason; the first message is shown as it was
+                        p = problems.setdefault(
+                            error_reason(part), {"count": 0, "message": part, "examples": []}
+                        )
                         p["count"] += 1
                         if len(p["examples"]) < MAX_EXAMPLES:
                             p["examples"].append(f"{s.id} ({_rel(shard, uri)}[{s.index}])")
@@ -100,6 +103,7 @@ def inspect_dataset(uri: str, limit: int | None = None) -> dict[str, Any]:
     if dups:
         problems["id repeated across shards (outputs would overwrite each other)"] = {
             "count": len(dups),
+            "message": f"id {dups[0]!r} is in more than one shard",
             "examples": dups[:MAX_EXAMPLES],
         }
     mean = v_sum / v_n if v_n else None
@@ -135,6 +139,11 @@ def _counts(c: dict[str, int]) -> str:
     return ", ".join(f"{k} ×{v}" for k, v in c.items()) or "-"
 
 
+def has_problems(d: dict[str, Any]) -> bool:
+    """True when the inspection found problem samples or unreadable shards."""
+    return bool(d["problems"] or d["shards_unreadable"])
+
+
 def format_inspect(d: dict[str, Any]) -> str:
     """The inspection as text, problems last."""
     read = d["shards_read"]
@@ -162,8 +171,8 @@ def format_inspect(d: dict[str, Any]) -> str:
         lines += [f"  {u['shard']}: {u['reason']}" for u in d["shards_unreadable"]]
     if d["problems"]:
         lines.append("problems:")
-        for reason, p in d["problems"].items():
-            lines.append(f"  x{p['count']} {reason}  e.g. {', '.join(p['examples'])}")
+        for p in d["problems"].values():
+            lines.append(f"  x{p['count']} {p['message']}  e.g. {', '.join(p['examples'])}")
     if not d["shards_unreadable"] and not d["problems"]:
         lines.append("no problems found")
     return "\n".join(lines)

@@ -253,12 +253,24 @@ def start_duplicate_scan(shards: list[resume.Shard]) -> ray.ObjectRef | None:
     return ray.remote(num_cpus=0.25)(resume.duplicates_in_parts).remote(keys, *parts)
 
 
+def preflight(job: JobConfig) -> None:
+    """Weights exist, match their pin and fit the network: checked before Ray and run.json."""
+    from pid_batch.checkpoint import preflight as check_weights  # torch: the driver only
+
+    check_weights(job)
+
+
 def ensure_ray(job: JobConfig, **init_kwargs: Any) -> None:
-    """Connect to the job's cluster (ray_address / RAY_ADDRESS) or start a local Ray."""
+    """Connect to the job's cluster (ray_address / RAY_ADDRESS) or start a private local Ray.
+
+    Without an address Ray's own default attaches to any cluster a `ray start` left on the
+    machine; "local" always starts a Ray of this job's own. `ray_address: auto` joins the
+    machine's cluster on purpose.
+    """
     if ray.is_initialized():
         return
-    address = job.ray_address or os.environ.get("RAY_ADDRESS")
-    if address is None:
+    address = job.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
         for k, v in LOCAL_RAY_ENV.items():
             os.environ.setdefault(k, v)
     # Workers on other nodes do not share the driver's environment: pass the S3 endpoint and
@@ -286,6 +298,7 @@ def run(
     first lives; force_takeover takes it from a driver known to be gone.
     """
     t0 = time.time()
+    preflight(job)  # the checkpoint and encoders, before Ray starts and anything is written
     plan = resume.plan_shards(job)  # reads only: refuses empty input, colliding or changed shards
     with lease.hold(job.output, force=force_takeover):
         return _run(job, plan, t0, log, init_kwargs)

@@ -9,6 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+# imported at collection: run() binds sys.stderr as its default log when first imported
+from pid_batch import pipeline
 from pid_batch.checkpoint import load_net, read_state_dict, save_checkpoint
 from pid_batch.config import VARIANTS, tiny
 from pid_batch.model import PidNet
@@ -170,3 +172,65 @@ def test_sha256_is_verified(tmp_path, net):
     load_net(path, CFG, sha256=digest.upper())
     with pytest.raises(ValueError, match="sha256 .* does not match expected 0000"):
         load_net(path, CFG, sha256="0" * 64)
+
+
+def _tampered_job(tmp_path: Path, key_to_rename: str | None):
+    """A tiny flux job spec whose checkpoint has `key_to_rename` renamed (None: intact)."""
+    from pid_batch import codecs
+    from pid_batch.checkpoint import PREFIX
+    from pid_batch.job import job_from_dict
+    from pid_batch.sample_checks import net_config_for
+
+    model = {"backbone": "flux", "ckpt_type": "2k", "preset": "tiny"}
+    spec = job_from_dict({"input": "x", "output": "y", "model": model}).model.spec
+    torch.manual_seed(0)
+    state = {
+        PREFIX + k: v.detach() for k, v in PidNet(net_config_for(spec, "tiny")).state_dict().items()
+    }
+    if key_to_rename is not None:
+        state[PREFIX + key_to_rename + "_renamed"] = state.pop(PREFIX + key_to_rename)
+    ckpt = tmp_path / "model.safetensors"
+    save_file(state, str(ckpt))
+    data = tmp_path / "latents"
+    data.mkdir(exist_ok=True)
+    (data / "s.safetensors").write_bytes(
+        codecs.write_safetensors_shard(torch.zeros(2, 16, 8, 8).numpy(), ["a", "b"])
+    )
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(
+        f"input: {data}\noutput: {tmp_path / 'out'}\n"
+        f"model: {{backbone: flux, ckpt_type: '2k', preset: tiny, checkpoint: {ckpt}}}\n"
+    )
+    return spec_file, sorted(state)[0][len(PREFIX) :]
+
+
+def test_tampered_checkpoint_fails_on_the_driver_in_one_line(tmp_path, capsys, monkeypatch):
+    from pid_batch import cli
+
+    monkeypatch.setattr(pipeline, "ensure_ray", lambda *a, **k: pytest.fail("Ray was started"))
+    _, first_key = _tampered_job(tmp_path, None)
+    spec_file, _ = _tampered_job(tmp_path, first_key)
+    assert cli.main(["run", str(spec_file)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and first_key in err, err
+    assert not (tmp_path / "out").exists()  # no run.json, nothing under the output prefix
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_corrected_checkpoint_runs_after_a_refused_one(tmp_path, capsys, monkeypatch):
+    from pid_batch import cli
+
+    for k in ("RAY_ADDRESS",):
+        monkeypatch.delenv(k, raising=False)
+    _, first_key = _tampered_job(tmp_path, None)
+    spec_file, _ = _tampered_job(tmp_path, first_key)
+    assert cli.main(["run", str(spec_file)]) == 2
+    spec_file, _ = _tampered_job(tmp_path, None)
+    try:
+        assert cli.main(["run", str(spec_file)]) == 0
+    finally:
+        import ray
+
+        ray.shutdown()
+    assert len(list((tmp_path / "out" / "images").iterdir())) == 2

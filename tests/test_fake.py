@@ -70,7 +70,11 @@ def test_pipeline_runs_with_the_fake_decoder(tmp_path):
         resources=ResourceConfig(batch_size=4, cpus_per_actor=0.5, encode_cpus=0.5),
     )
     ray.init(
-        num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=200 * 2**20,
+        log_to_driver=False,
     )
     try:
         result = pipeline.run(job, log=None)

@@ -61,6 +61,7 @@ def fault_ray(proxy, control):
     write_control(control)
     os.environ[CONTROL_ENV] = str(control)
     ray.init(
+        address="local",
         num_cpus=2,
         include_dashboard=False,
         object_store_memory=300 * 2**20,

@@ -63,12 +63,28 @@ def test_inspect_a_prefix(tmp_path):
         "b-1 (sub/b.parquet[1])"
     )
     dup = d["problems"]["id repeated across shards (outputs would overwrite each other)"]
-    assert dup == {"count": 1, "examples": ["a-1"]}
+    assert dup["count"] == 1 and dup["examples"] == ["a-1"] and "'a-1'" in dup["message"]
     v = d["latent_values"]
     assert v["max"] >= 1.0 and v["min"] < -1.0 and 0.5 < v["std"] < 1.5
     text = format_inspect(d)
     for needle in ("4 shards", "ok 6", "16x8x8 ×5", "c.safetensors", "NaN/Inf", "a-1", "0 .. 0.5"):
         assert needle in text, needle
+    assert "latent has 3 NaN/Inf values" in text  # the real message, numbers kept
+
+
+def test_inspect_cli_exit_code_says_whether_problems_were_found(tmp_path, capsys):
+    from pid_batch.cli import main
+
+    root = str(tmp_path / "data")
+    _write_dataset(root)
+    assert main(["inspect", root]) == 1
+    assert "latent has 3 NaN/Inf values" in capsys.readouterr().out
+    clean = str(tmp_path / "clean")
+    storage.write_bytes_atomic(
+        storage.join(clean, "a.safetensors"),
+        codecs.write_safetensors_shard(np.zeros((1, 16, 8, 8), np.float32), ["x-0"]),
+    )
+    assert main(["inspect", clean]) == 0
 
 
 def test_inspect_one_shard_and_limit(tmp_path):

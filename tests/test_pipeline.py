@@ -30,6 +30,7 @@ def local_ray(s3_server):
     import ray
 
     ray.init(
+        address="local",
         num_cpus=2,
         num_gpus=1,
         include_dashboard=False,
@@ -378,3 +379,25 @@ print(len(first), len(second - first))
     assert out.returncode == 0, out.stderr[-2000:]
     started, new = map(int, out.stdout.split()[-2:])
     assert started == 2 and new == 0, out.stdout
+
+
+@pytest.mark.parametrize(
+    ("job_address", "env_address", "expected"),
+    [(None, None, "local"), ("auto", None, "auto"), (None, "ray://h:10001", "ray://h:10001")],
+)
+def test_ensure_ray_starts_a_private_ray_unless_told(
+    monkeypatch, job_address, env_address, expected
+):
+    """Without an address Ray would attach to any `ray start` cluster on the machine."""
+    import ray
+
+    seen: dict = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if env_address:
+        monkeypatch.setenv("RAY_ADDRESS", env_address)
+    model = ModelConfig(backbone="flux", ckpt_type="2k", preset="tiny")
+    job = JobConfig(input="x", output="y", model=model, ray_address=job_address)
+    pipeline.ensure_ray(job)
+    assert seen["address"] == expected

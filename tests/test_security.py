@@ -170,7 +170,11 @@ def leaky_ray(leaky_s3):
     import ray
 
     ray.init(
-        num_cpus=2, include_dashboard=False, object_store_memory=300 * 2**20, log_to_driver=False
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=300 * 2**20,
+        log_to_driver=False,
     )
     yield ray
     ray.shutdown()

@@ -47,6 +47,7 @@ def fresh_ray():
     import ray
 
     ray.init(
+        address="local",
         num_cpus=2,
         include_dashboard=False,
         object_store_memory=200 * 2**20,
