@@ -77,6 +77,7 @@ class Decoder:
         device: str | torch.device | None = None,
         dtype: str = "auto",
         compile: bool = False,
+        compile_mode: str | None = None,
         micro_batch: int = 0,
         init_seed: int = 0,
     ):
@@ -87,16 +88,19 @@ class Decoder:
         self.steps = steps or spec.steps
         self.t_list = student_t_list(spec.t_list, self.steps)
         self.micro_batch = micro_batch
-        # Reference precision (SPEC §8): fp32 weights under bf16 autocast on CUDA; fp32 on CPU.
+        # `auto`: on CUDA bf16 weights under bf16 autocast (the released file is bf16; norms and
+        # RoPE still run in fp32), fp32 on CPU. `float32`: fp32 weights, no autocast (reference).
         self.autocast_dtype = None
         weight_dtype = torch.float32
         if dtype == "auto":
             if self.device.type == "cuda":
-                self.autocast_dtype = torch.bfloat16
+                weight_dtype = self.autocast_dtype = torch.bfloat16
+        elif dtype == "float32":
+            pass
         elif dtype in ("bfloat16", "float16"):
             # Half-precision weights: the net's norms and RoPE expect autocast around them.
             weight_dtype = self.autocast_dtype = getattr(torch, dtype)
-        elif dtype != "float32":
+        else:
             raise ValueError(f"dtype={dtype!r}; valid: auto, float32, bfloat16, float16")
         self.weight_dtype = weight_dtype
 
@@ -118,6 +122,7 @@ class Decoder:
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.net.parameters())
         self.text_encoder = text_encoder
         self.compile = compile
+        self.compile_mode = compile_mode  # e.g. "reduce-overhead" (CUDA graphs), "max-autotune"
         if compile:  # one dynamo frame per (H, W, batch) bucket; the default limit (8) is small
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._compiled: dict[tuple[int, int, int], Callable] = {}
@@ -187,7 +192,7 @@ class Decoder:
         key = (height, width, batch)
         fresh = key not in self._compiled
         if fresh:
-            self._compiled[key] = torch.compile(self.net, dynamic=False, fullgraph=False)
+            self._compiled[key] = CompiledNet(self.net, fullgraph=True, mode=self.compile_mode)
         return self._compiled[key], fresh
 
     def _decode_micro(self, latents, sigmas, seeds, embs, height, width, micro):
@@ -216,7 +221,7 @@ class Decoder:
                 # t laid out as sampling.sample passes it ((t * timescale).expand(B), stride 0):
                 # a contiguous t fails dynamo's stride guard and the bucket would compile twice.
                 t_warm = torch.tensor(999.0, device=self.device).expand(len(seeds))
-                net(noise, t_warm, embs, lq, sigma)
+                net.step(noise, t_warm, net.condition(embs, lq, height, width), sigma)
                 compile_ms = (time.perf_counter() - t0) * 1000
             else:
                 compile_ms = 0.0
@@ -224,7 +229,21 @@ class Decoder:
         return to_uint8(x[:b]), compile_ms
 
 
+class CompiledNet:
+    """A `PidNet`'s `condition` and `step`, each compiled as one graph (what `sample` calls)."""
+
+    def __init__(self, net: PidNet, fullgraph: bool = True, mode: str | None = None):
+        self.net = net
+        self.condition = torch.compile(net.condition, dynamic=False, fullgraph=fullgraph, mode=mode)
+        self.step = torch.compile(net.step, dynamic=False, fullgraph=fullgraph, mode=mode)
+
+    def __call__(self, x, t, caption_embs, lq_latent, degrade_sigma):
+        cond = self.condition(caption_embs, lq_latent, x.shape[-2], x.shape[-1])
+        return self.step(x, t, cond, degrade_sigma)
+
+
 __all__ = [
+    "CompiledNet",
     "Decoder",
     "DecodeOutput",
     "SampleError",

@@ -16,7 +16,7 @@ from typing import Any
 
 from pid_batch import storage
 from pid_batch.config import VARIANTS, NetConfig, resolve_checkpoint
-from pid_batch.model.flops import count_flops
+from pid_batch.model.flops import count_decode_flops
 
 REFERENCE_HW = (2048, 2048)
 REFERENCE_STEPS = 4  # the released checkpoints are 4-step distilled students
@@ -69,9 +69,12 @@ def _net(variant: str) -> tuple[str, NetConfig]:
 def decode_flops(
     cfg: NetConfig, height: int, width: int, steps: int = REFERENCE_STEPS
 ) -> tuple[float, float]:
-    """(token-linear FLOPs, attention FLOPs) of one `steps`-step decode at height × width."""
-    f = count_flops(cfg, height, width, txt_len=cfg.txt_max_length)
-    return float(steps * f.linear), float(steps * f.attention)
+    """(token-linear FLOPs, attention FLOPs) of one `steps`-step decode at height × width.
+
+    The step-invariant conditioning (LQ conv stack, caption projection) is counted once.
+    """
+    f = count_decode_flops(cfg, height, width, steps, txt_len=cfg.txt_max_length)
+    return float(f.linear), float(f.attention)
 
 
 def time_scale(variant: str, height: int, width: int, steps: int = REFERENCE_STEPS) -> float:

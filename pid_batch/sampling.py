@@ -71,7 +71,8 @@ def sample(
 
     Each step: `x0 = x - t * net(x, t * timescale, ...)` in float64, then, if `t' > 0`,
     `x = (1 - t') x0 + t' eps` with eps from `step_noises[k]`, the generator(s) or the global RNG.
-    `callback(k, t, x)` runs after step k.
+    `callback(k, t, x)` runs after step k. A net with `condition(caption_embs, lq_latent, H, W)`
+    and `step(x, t, cond, degrade_sigma)` methods has its conditioning computed once per call.
     """
     t_list = [float(t) for t in t_list]
     ts = torch.tensor(t_list, dtype=torch.float32, device=noise.device)
@@ -81,9 +82,16 @@ def sample(
         raise ValueError(f"need {renoised} step noises for t_list {t_list}, got {len(step_noises)}")
     x = noise
     B = x.shape[0]
+    # A net with `condition`/`step` (PidNet) gets its step-invariant work done once, not per step.
+    split = callable(getattr(net, "condition", None)) and callable(getattr(net, "step", None))
+    if split:
+        cond = net.condition(caption_embs, lq_latent, x.shape[-2], x.shape[-1])
     for k in range(n):
         t, t_next = ts[k], ts[k + 1]
-        v = net(x, (t * timescale).expand(B), caption_embs, lq_latent, degrade_sigma)
+        if split:
+            v = net.step(x, (t * timescale).expand(B), cond, degrade_sigma)
+        else:
+            v = net(x, (t * timescale).expand(B), caption_embs, lq_latent, degrade_sigma)
         x0 = (x.double() - t.double() * v.double()).to(x.dtype)
         if t_list[k + 1] > 0:
             eps = step_noises[k].to(x) if step_noises is not None else _draw(x, generator)

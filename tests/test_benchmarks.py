@@ -79,3 +79,21 @@ def test_smoke_end_to_end(tmp_path):
     assert a["images"] == 8  # 12 latents, first batch of 4 is the warm-up
     assert "b/a steady throughput" in r.stdout
     assert not any(p.name.startswith("pid-gpu-pipeline-") for p in tmp_path.iterdir())  # cleaned
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_gpu_check_smoke(tmp_path):
+    """benchmarks/gpu_check.py --smoke: eager and compiled tiny decodes, identical images."""
+    import subprocess
+    import sys as _sys
+
+    out = tmp_path / "check.json"
+    script = ROOT / "benchmarks" / "gpu_check.py"
+    subprocess.run(
+        [_sys.executable, str(script), "--smoke", "--json", str(out)], check=True, timeout=880
+    )
+    report = json.loads(out.read_text())
+    assert report["card"] == "cpu" and len(report["rows"]) == 4
+    compiled = [r for r in report["rows"] if r["mode"] == "compiled"]
+    assert [r["max_abs_diff_vs_eager"] for r in compiled] == [0, 0]

@@ -9,6 +9,7 @@ import pytest
 
 from pid_batch import codecs
 from pid_batch.config import VARIANTS
+from pid_batch.model.flops import count_condition_flops, count_flops
 from pid_batch.plan import (
     PAPER_LATENCY_MS,
     cluster_accelerators,
@@ -81,7 +82,12 @@ def test_resolution_scaling_is_linear_plus_quadratic():
     assert 15.5 < att4 / att2 < 16.0  # ∝ (tokens + 300 text tokens)²
     assert time_scale("v1p5_sr4x_c16", 2048, 2048) == pytest.approx(1.0)
     assert 8 < time_scale("v1p5_sr4x_c16", 4096, 4096) < 12  # not 4x: attention dominates
-    assert time_scale("v1p5_sr4x_c16", 2048, 2048, steps=8) == pytest.approx(2.0)
+    # 8 steps: twice the per-step work, the conditioning (LQ convs, caption) still counted once
+    fwd, cond = count_flops(cfg, 2048, 2048, 300), count_condition_flops(cfg, 2048, 2048, 300)
+    eight = (8 * fwd.total - 7 * cond.total) / (4 * fwd.total - 3 * cond.total)
+    assert time_scale("v1p5_sr4x_c16", 2048, 2048, steps=8) == pytest.approx(eight)
+    assert 1.95 < eight < 2.0  # a bit under 2x: the conditioning is not doubled
+    assert sum(decode_flops(cfg, 2048, 2048)) == 4 * fwd.total - 3 * cond.total
     p = plan(1000, 4096, 4096, "v1p5_sr4x_c16", {"gb200": 1})
     assert p["accelerators"]["gb200"]["ms_per_image"] == pytest.approx(
         211 * time_scale("v1p5_sr4x_c16", 4096, 4096), abs=0.1

@@ -156,3 +156,29 @@ def test_to_uint8_truncates():
     assert out.dtype == np.uint8 and out.shape == (1, 1, 7, 3)
     # (x + 1) * 127.5 = 0, 0.1275, 127.5, 191.25, 254.87, 255, (clamped) 255 -> truncated
     assert out[0, 0, :, 0].tolist() == [0, 0, 127, 191, 254, 255, 255]
+
+
+def test_conditioning_runs_once_per_decode_not_per_step(tiny_setup):
+    net, caption, lq, sigma, shape = tiny_setup
+    calls = {"lq_proj": 0, "y_embedder": 0, "step": 0}
+
+    def count(name):
+        def hook(*_):
+            calls[name] += 1
+
+        return hook
+
+    handles = [
+        net.lq_proj.register_forward_hook(count("lq_proj")),
+        net.y_embedder.register_forward_hook(count("y_embedder")),
+        net.s_embedder.register_forward_hook(count("step")),
+    ]
+    try:
+        x = _decode(net, caption, lq, sigma, shape, seeds=[1, 2, 3])
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == {"lq_proj": 1, "y_embedder": 1, "step": 4}
+    # ... and the images are those of a plain callable that recomputes everything per step.
+    plain = _decode(lambda *a: net(*a), caption, lq, sigma, shape, seeds=[1, 2, 3])
+    torch.testing.assert_close(x, plain, rtol=0, atol=1e-6)

@@ -18,6 +18,28 @@ class Flops(NamedTuple):
         return self.linear + self.attention
 
 
+def count_condition_flops(cfg: NetConfig, H: int, W: int, txt_len: int = 300) -> Flops:
+    """FLOPs of `PidNet.condition` (LQ conv stack + output heads, y embedder): once per decode."""
+    p = cfg.patch_size
+    if H <= 0 or W <= 0 or H % p or W % p:
+        raise ValueError(f"output size must be positive multiples of {p}; got {W}x{H}")
+    L = (H // p) * (W // p)  # patch tokens
+    Lt = min(txt_len, cfg.txt_max_length)
+    D, Hq = cfg.hidden_size, cfg.lq_hidden_dim
+    n_feats = cfg.num_lq_outputs + int(cfg.pit_lq_inject)
+    lin = 2 * L * cfg.lq_in_channels * 9 * Hq
+    lin += 2 * L * Hq * 9 * Hq * (1 + 2 * cfg.lq_num_res_blocks)  # LQ conv stack
+    lin += n_feats * 2 * L * Hq * D  # LQ output heads
+    lin += 2 * Lt * cfg.txt_embed_dim * D  # y embedder
+    return Flops(lin, 0)
+
+
+def count_decode_flops(cfg: NetConfig, H: int, W: int, steps: int = 4, txt_len: int = 300) -> Flops:
+    """FLOPs of one `steps`-step decode: `steps` forwards, the conditioning counted once."""
+    f, c = count_flops(cfg, H, W, txt_len), count_condition_flops(cfg, H, W, txt_len)
+    return Flops(steps * f.linear - (steps - 1) * c.linear, steps * f.attention)
+
+
 def count_flops(cfg: NetConfig, H: int, W: int, txt_len: int = 300) -> Flops:
     """FLOPs of one forward for one H x W image (checked against torch's FlopCounterMode)."""
     p = cfg.patch_size
@@ -27,7 +49,7 @@ def count_flops(cfg: NetConfig, H: int, W: int, txt_len: int = 300) -> Flops:
     P = p * p  # pixels per patch
     Lt = min(txt_len, cfg.txt_max_length)
     D, C, A = cfg.hidden_size, cfg.pixel_hidden_size, cfg.pixel_attn_hidden_size
-    Hq, FF = cfg.lq_hidden_dim, cfg.swiglu_hidden
+    FF = cfg.swiglu_hidden
     n_feats = cfg.num_lq_outputs + int(cfg.pit_lq_inject)
 
     def mm(m: int, k: int, n: int) -> int:
@@ -36,10 +58,9 @@ def count_flops(cfg: NetConfig, H: int, W: int, txt_len: int = 300) -> Flops:
     def attn(nq: int, nk: int, width: int) -> int:
         return 2 * mm(nq, width, nk)  # q k^T and p v, summed over heads
 
-    lin = mm(L, cfg.lq_in_channels * 9, Hq) + mm(L, Hq * 9, Hq) * (1 + 2 * cfg.lq_num_res_blocks)
-    lin += n_feats * (mm(L, Hq, D) + mm(L, 2 * D, cfg.gate_width))  # LQ heads + gates
+    lin = count_condition_flops(cfg, H, W, txt_len).linear  # LQ convs + heads, y embedder
+    lin += n_feats * mm(L, 2 * D, cfg.gate_width)  # gates
     lin += mm(L, cfg.in_channels * P, D) + mm(1, 256, D) + mm(1, D, D)  # s / t embedders
-    lin += mm(Lt, cfg.txt_embed_dim, D)  # y embedder
     att = 0
     for i in range(cfg.patch_depth):
         text_out = i < cfg.patch_depth - 1  # the last block's text stream is never used

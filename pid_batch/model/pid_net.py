@@ -6,6 +6,7 @@ Inference only. Module and parameter names reproduce the official state-dict key
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,13 @@ from pid_batch.model.layers import (
 )
 
 LQ_GROUPNORM_GROUPS = 4  # not 32 (§3.6)
+
+
+class Conditioning(NamedTuple):
+    """Step-invariant inputs of one batch: LQ features per gate (+ PiT) and caption tokens."""
+
+    lq: tuple[Tensor, ...]  # num_lq_outputs (+1) x [B, L, D]
+    text: Tensor  # [B, Lt, D]
 
 
 class SigmaGate(nn.Module):
@@ -340,31 +348,44 @@ class PidNet(nn.Module):
             rope_y = rope_1d_table(text_len, cfg.head_dim, cfg.text_rope_theta, device)
         return rope_x, rope_y, rope_pit
 
-    def forward(
-        self, x: Tensor, t: Tensor, caption_embs: Tensor, lq_latent: Tensor, degrade_sigma: Tensor
-    ) -> Tensor:
+    def _check_dtype(self, device: torch.device) -> None:
+        weight_dtype = self.s_embedder.proj.weight.dtype
+        if weight_dtype != torch.float32 and not torch.is_autocast_enabled(device.type):
+            raise ValueError(
+                f"{weight_dtype} weights need torch.autocast (reference: fp32 weights, bf16 autocast)"
+            )
+
+    def condition(self, caption_embs: Tensor, lq_latent: Tensor, H: int, W: int) -> Conditioning:
+        """The step-invariant part of a forward: LQ features and caption tokens, once per sample."""
+        cfg = self.cfg
+        p = cfg.patch_size
+        if H % p or W % p:
+            raise ValueError(f"image size {H}x{W} is not a multiple of patch_size={p}")
+        self._check_dtype(lq_latent.device)
+        caption_embs, lq_latent = caption_embs.float(), lq_latent.float()
+        Lt = min(caption_embs.shape[1], cfg.txt_max_length)
+        lq = self.lq_proj(lq_latent, H // p, W // p)  # num_lq_outputs (+1) x [B, L, D]
+        e = self.y_embedder(caption_embs[:, :Lt]) + self.y_pos_embedding[:, :Lt]  # [B, Lt, D]
+        return Conditioning(tuple(lq), e)
+
+    def step(self, x: Tensor, t: Tensor, cond: Conditioning, degrade_sigma: Tensor) -> Tensor:
+        """The per-step part of a forward, given `condition(...)` of the same sample -> velocity."""
         cfg = self.cfg
         B, _, H, W = x.shape
         p = cfg.patch_size
         if H % p or W % p:
             raise ValueError(f"image size {H}x{W} is not a multiple of patch_size={p}")
         hs, ws = H // p, W // p
-        weight_dtype = self.s_embedder.proj.weight.dtype
-        if weight_dtype != torch.float32 and not torch.is_autocast_enabled(x.device.type):
-            raise ValueError(
-                f"{weight_dtype} weights need torch.autocast (reference: fp32 weights, bf16 autocast)"
-            )
-        x, caption_embs, lq_latent = x.float(), caption_embs.float(), lq_latent.float()
+        self._check_dtype(x.device)
+        x = x.float()
         sigma = degrade_sigma.float()  # [B]
-        Lt = min(caption_embs.shape[1], cfg.txt_max_length)
-        rope_x, rope_y, rope_pit = self.rope_tables(hs, ws, Lt, x.device)
+        lq, e = cond.lq, cond.text
+        rope_x, rope_y, rope_pit = self.rope_tables(hs, ws, e.shape[1], x.device)
 
-        lq = self.lq_proj(lq_latent, hs, ws)  # num_lq_outputs (+1) x [B, L, D]
         patches = x.view(B, -1, hs, p, ws, p).permute(0, 2, 4, 1, 3, 5).reshape(B, hs * ws, -1)
         s = self.s_embedder(patches)  # [B, L, D]
         t_emb = self.t_embedder(t)[:, None]  # [B, 1, D]
         c = F.silu(t_emb)  # [B, 1, D]
-        e = self.y_embedder(caption_embs[:, :Lt]) + self.y_pos_embedding[:, :Lt]  # [B, Lt, D]
 
         for i, block in enumerate(self.patch_blocks):
             if i % cfg.lq_interval == 0:
@@ -382,3 +403,10 @@ class PidNet(nn.Module):
         out = self.final_layer(z)  # [B*L, p*p, 3]
         out = out.view(B, hs, ws, p, p, -1).permute(0, 5, 1, 3, 2, 4)  # [B, 3, hs, p, ws, p]
         return out.reshape(B, -1, H, W)  # [B, 3, H, W]
+
+    def forward(
+        self, x: Tensor, t: Tensor, caption_embs: Tensor, lq_latent: Tensor, degrade_sigma: Tensor
+    ) -> Tensor:
+        """One full forward: `step(x, t, condition(caption_embs, lq_latent), degrade_sigma)`."""
+        cond = self.condition(caption_embs, lq_latent, x.shape[-2], x.shape[-1])
+        return self.step(x, t, cond, degrade_sigma)
