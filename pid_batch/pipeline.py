@@ -31,6 +31,7 @@ import ray  # noqa: E402
 from pid_batch import lease, reader, resume, storage, writer  # noqa: E402
 from pid_batch.job import JobConfig, JobConfigError  # noqa: E402
 from pid_batch.summary import (  # noqa: E402
+    error_reason,
     format_summary,
     latest_per_id,
     orphans,
@@ -119,10 +120,13 @@ class RunResult:
     shards_done: int = 0
     wall_s: float = 0.0
     error_ids: list[str] = field(default_factory=list)
+    reasons: dict[str, int] = field(default_factory=dict)  # this run's errors (20 reasons at most)
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.summary.get("error", 0) else 0
+        # This run's own errors count too: rows a full disk kept from being written are not in
+        # the summary's table.
+        return 1 if self.summary.get("error", 0) or self.errors else 0
 
 
 def check_output(job: JobConfig) -> None:
@@ -334,8 +338,8 @@ def _decode(job: JobConfig, plan: resume.Plan, result: RunResult, log: TextIO | 
         fps = {item["key"]: item["fingerprint"] for item in todo}
         finishing = []
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for sid, key, pending, status in zip(
-                batch["id"], batch["shard"], batch["shard_pending"], batch["status"]
+            for sid, key, pending, status, error in zip(
+                batch["id"], batch["shard"], batch["shard_pending"], batch["status"], batch["error"]
             ):
                 seen[key] += 1
                 seen_ids[key].add(str(sid))
@@ -344,6 +348,9 @@ def _decode(job: JobConfig, plan: resume.Plan, result: RunResult, log: TextIO | 
                     failed[key] += 1
                     result.errors += 1
                     result.error_ids.append(str(sid))
+                    reason = error_reason(error if isinstance(error, str) else None)
+                    if reason in result.reasons or len(result.reasons) < 20:
+                        result.reasons[reason] = result.reasons.get(reason, 0) + 1
                 if seen[key] == int(pending):
                     result.shards_done += 1
                     finished.add(key)
@@ -381,6 +388,7 @@ def _summarize(
                 "shards_skipped": result.shards_skipped,
                 "wall_s": round(result.wall_s, 3),
                 "shards_changed": len(plan.changed),
+                "errors_by_reason": result.reasons,
             },
         },
         orphans=orphans(raw, plan.current),

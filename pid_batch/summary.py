@@ -205,6 +205,13 @@ def format_summary(s: dict[str, Any]) -> str:
                 )
     for reason, count in s.get("errors_by_reason", {}).items():
         lines.append(f"  error x{count}: {reason}")
+    this = s.get("run", {}).get("this_run", {})
+    if this.get("errors"):
+        lines.append(f"this run: {this['processed']} samples, {this['errors']} errors")
+        for reason, count in this.get("errors_by_reason", {}).items():
+            lines.append(f"  error x{count}: {reason}")
+    if note := s.get("summary_not_written"):
+        lines.append(f"summary.json not written: {note}")
     if o := s.get("orphaned"):
         lines.append(
             f"  not counted: {o['rows']} rows of {o['shards']} shards no longer in the input "

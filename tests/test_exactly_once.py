@@ -298,3 +298,55 @@ def test_signal_stops_cleanly_and_the_rerun_completes_exactly_once(tmp_path, sig
     ]
     assert sorted(ok) == sorted(ids)
     assert sorted(p.stem for p in (out / "images").iterdir()) == sorted(ids)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_full_disk_ends_with_a_summary_and_the_rerun_completes(tmp_path):
+    """The output on a small tmpfs that fills mid-run: the driver survives, prints a summary and
+    exits non-zero; once space is freed, the same command completes every id exactly once."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("mounting a tmpfs is not allowed here")
+    try:
+        inp, out = tmp_path / "in", mnt / "out"
+        ids = [f"s{s}-{i}" for s in range(4) for i in range(10)]
+        for s in range(4):
+            put_shard(inp / f"shard-{s}.safetensors", 10, ids[10 * s : 10 * s + 10], seed=s)
+        filler = mnt / "filler"
+        filler.write_bytes(os.urandom(3 * 2**20 + 700 * 2**10))  # leaves ~300 KB
+        spec = tmp_path / "job.yaml"
+        spec.write_text(
+            json.dumps(
+                {
+                    "input": str(inp),
+                    "output": str(out),
+                    "model": {
+                        "backbone": "flux",
+                        "ckpt_type": "2k",
+                        "preset": "tiny",
+                        "fake_latency_ms": 5,
+                    },
+                    "images": {"image_format": "png"},
+                    "resources": {"batch_size": 4, "encode_batch_size": 4},
+                }
+            )
+        )
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env["RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION"] = "0.02"
+        cmd = [sys.executable, "-m", "pid_batch.cli", "run", str(spec)]
+        first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=300)
+        err = first.stderr.decode()
+        assert first.returncode == 1, err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+        assert "No space left on device" in err and "this run: " in err
+        filler.unlink()
+        rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr.decode()[-3000:]
+        table = latest_per_id(read_timing_parts(str(out)))
+        assert sorted(table.column("id").to_pylist()) == sorted(ids)
+        assert set(table.column("status").to_pylist()) == {"ok"}
+        assert sorted(p.stem for p in (out / "images").iterdir()) == sorted(ids)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
