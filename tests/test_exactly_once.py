@@ -67,6 +67,24 @@ def tar_members(out) -> list[str]:
     return names
 
 
+def cli_spec(tmp_path: Path, inp: Path, out: Path, latency_ms: int, batch: int) -> Path:
+    """A job spec file for `pid-batch run` with the sleeping stand-in decoder."""
+    spec = tmp_path / "job.yaml"
+    model = {"backbone": "flux", "ckpt_type": "2k", "preset": "tiny", "fake_latency_ms": latency_ms}
+    spec.write_text(
+        json.dumps(
+            {
+                "input": str(inp),
+                "output": str(out),
+                "model": model,
+                "images": {"image_format": "png"},
+                "resources": {"batch_size": batch, "encode_batch_size": batch},
+            }
+        )
+    )
+    return spec
+
+
 # ---------------------------------------------------------------------------------------------
 # Without Ray
 
@@ -246,23 +264,7 @@ def test_signal_stops_cleanly_and_the_rerun_completes_exactly_once(tmp_path, sig
     ids = [f"s{s}-{i}" for s in range(4) for i in range(4)]
     for s in range(4):
         put_shard(inp / f"shard-{s}.safetensors", 4, ids[4 * s : 4 * s + 4], seed=s)
-    spec = tmp_path / "job.yaml"
-    spec.write_text(
-        json.dumps(
-            {
-                "input": str(inp),
-                "output": str(out),
-                "model": {
-                    "backbone": "flux",
-                    "ckpt_type": "2k",
-                    "preset": "tiny",
-                    "fake_latency_ms": 400,
-                },
-                "images": {"image_format": "png"},
-                "resources": {"batch_size": 2, "encode_batch_size": 2},
-            }
-        )
-    )
+    spec = cli_spec(tmp_path, inp, out, latency_ms=400, batch=2)
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
@@ -316,23 +318,7 @@ def test_full_disk_ends_with_a_summary_and_the_rerun_completes(tmp_path):
             put_shard(inp / f"shard-{s}.safetensors", 10, ids[10 * s : 10 * s + 10], seed=s)
         filler = mnt / "filler"
         filler.write_bytes(os.urandom(3 * 2**20 + 700 * 2**10))  # leaves ~300 KB
-        spec = tmp_path / "job.yaml"
-        spec.write_text(
-            json.dumps(
-                {
-                    "input": str(inp),
-                    "output": str(out),
-                    "model": {
-                        "backbone": "flux",
-                        "ckpt_type": "2k",
-                        "preset": "tiny",
-                        "fake_latency_ms": 5,
-                    },
-                    "images": {"image_format": "png"},
-                    "resources": {"batch_size": 4, "encode_batch_size": 4},
-                }
-            )
-        )
+        spec = cli_spec(tmp_path, inp, out, latency_ms=5, batch=4)
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         env["RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION"] = "0.02"
         cmd = [sys.executable, "-m", "pid_batch.cli", "run", str(spec)]
