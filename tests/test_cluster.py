@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 def ray_pin() -> str:
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     (pin,) = [d for d in deps if d.startswith("ray")]
-    m = re.fullmatch(r"ray\[data\]==(\d+\.\d+\.\d+)", pin)
+    m = re.fullmatch(r"ray\[[a-z,]+\]==(\d+\.\d+\.\d+)", pin)
     assert m, f"Ray must be pinned to one version in pyproject.toml; got {pin!r}"
     return m.group(1)
 
