@@ -499,8 +499,16 @@ def _local_version(path: str) -> str | None:
     return f"{st.st_mtime_ns}-{st.st_size}-{st.st_ino}"
 
 
-def _lock_path(path: str) -> Path:
-    return Path(os.path.dirname(path)) / f".{os.path.basename(path)}.lock"
+@contextlib.contextmanager
+def _dir_locked(directory: str) -> Iterator[None]:
+    """An exclusive flock on a directory itself: conditional writes of the files in it take
+    turns, and no lock file is left beside the outputs (Linux allows flock on a directory fd)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def version(uri: str) -> str | None:
@@ -542,13 +550,13 @@ def create_exclusive(uri: str, data: bytes) -> bool:
     """Create the object atomically; False (nothing written) if it already exists.
 
     S3: PutObject with If-None-Match: *. Local: temp file, then os.link (fails if the name
-    exists), under the same sibling lock replace_if takes so the two never interleave.
+    exists), under the same directory lock replace_if takes so the two never interleave.
     """
     kind, path = _split(uri)
     if kind == "s3":
         return _put_if(uri, data, None)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with _locked(_lock_path(path)):
+    with _dir_locked(os.path.dirname(path)):
         if os.path.lexists(path):
             return False
         tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.tmp-{os.getpid()}-"
@@ -574,7 +582,7 @@ def replace_if(uri: str, data: bytes, version: str | None) -> bool:
 
     `version=None` means the object must not exist. Returns False (nothing written) on a
     mismatch. S3: PutObject with If-Match: <etag> (If-None-Match: * for None). Local: an
-    fcntl lock on the sibling '.<name>.lock', compare, atomic rename, unlock.
+    flock on the directory, compare, atomic rename, unlock.
     """
     kind, path = _split(uri)
     if kind == "s3":
@@ -582,7 +590,7 @@ def replace_if(uri: str, data: bytes, version: str | None) -> bool:
     if version is None:
         return create_exclusive(uri, data)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with _locked(_lock_path(path)):
+    with _dir_locked(os.path.dirname(path)):
         if _local_version(path) != version:
             return False
         retry(lambda: _write_local_atomic(path, data), what=f"write {uri}")
