@@ -280,6 +280,7 @@ def ensure_ray(job: JobConfig, **init_kwargs: Any) -> None:
     # Workers on other nodes do not share the driver's environment: pass the S3 endpoint and
     # region (never credentials: nodes use their own AWS chain) to every worker of this job.
     env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+    env |= {k: v for k, v in storage.s3_settings_env().items() if k not in env}  # profile's
     kwargs: dict[str, Any] = {
         "include_dashboard": False,
         "log_to_driver": False,

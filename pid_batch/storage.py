@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -189,11 +190,50 @@ def _s3_filesystem(scheme: str, endpoint: str | None, region: str | None) -> paf
     return fs
 
 
+def _profile() -> dict[str, str]:
+    """The active AWS profile's settings from the shared config file, as the AWS SDKs read them:
+    AWS_CONFIG_FILE (default ~/.aws/config), section [default] or [profile AWS_PROFILE]; an
+    `s3 =` sub-section's keys override the profile's own. {} when there is none."""
+    path = os.path.expanduser(os.environ.get("AWS_CONFIG_FILE", "~/.aws/config"))
+    name = os.environ.get("AWS_PROFILE") or os.environ.get("AWS_DEFAULT_PROFILE") or "default"
+    try:
+        stamp = os.stat(path).st_mtime_ns
+    except OSError:
+        return {}
+    return dict(_read_profile(path, name, stamp))
+
+
+@functools.lru_cache(maxsize=8)
+def _read_profile(path: str, name: str, _stamp: int) -> tuple[tuple[str, str], ...]:
+    """_profile's parse, cached per (file, profile, modification time): storage calls resolve
+    the endpoint on every operation."""
+    import configparser
+
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read(path)
+    except configparser.Error:
+        return ()
+    section = "default" if name == "default" else f"profile {name}"
+    if not parser.has_section(section):
+        return ()
+    out = {k: v.strip() for k, v in parser.items(section) if k != "s3"}
+    for line in parser.get(section, "s3", fallback="").splitlines():  # "s3 =\n  key = value"
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == "endpoint_url":
+            out["s3_endpoint_url"] = value.strip()
+    return tuple(out.items())
+
+
 def s3_endpoint() -> tuple[str, str | None]:
-    """(scheme, host[:port]) of the S3 endpoint from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL."""
+    """(scheme, host[:port]) of the S3 endpoint, resolved as the AWS SDKs do: AWS_ENDPOINT_URL_S3,
+    AWS_ENDPOINT_URL, then the active profile's `s3 = endpoint_url` and `endpoint_url`."""
     if os.environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").lower() == "true":
         return "https", None
     url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not url:
+        profile = _profile()
+        url = profile.get("s3_endpoint_url") or profile.get("endpoint_url")
     if not url:
         return "https", None
     parsed = urlparse(url if "://" in url else f"https://{url}")
@@ -204,8 +244,24 @@ def s3_endpoint() -> tuple[str, str | None]:
     return parsed.scheme, parsed.netloc
 
 
+def s3_settings_env() -> dict[str, str]:
+    """The S3 endpoint and region this process resolved, as variables for workers on other
+    nodes (which may lack the profile); never credentials."""
+    scheme, endpoint = s3_endpoint()
+    env = {"AWS_ENDPOINT_URL_S3": f"{scheme}://{endpoint}"} if endpoint else {}
+    if region := _region():
+        env["AWS_REGION"] = region
+    return env
+
+
 def _region() -> str | None:
-    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None
+    """AWS_REGION, AWS_DEFAULT_REGION, then the active profile's `region`."""
+    return (
+        os.environ.get("AWS_REGION")
+        or os.environ.get("AWS_DEFAULT_REGION")
+        or _profile().get("region")
+        or None
+    )
 
 
 def _split(uri: str) -> tuple[str, str]:

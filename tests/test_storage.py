@@ -330,3 +330,28 @@ def test_fetch_dir_to_cache(s3_server, s3_root, tmp_path):
         storage.fetch_dir_to_cache(prefix, tmp_path)
     assert not d.exists() and not list(Path(tmp_path).glob("*tmp*"))
     assert storage.fetch_dir_to_cache(str(tmp_path)) == tmp_path
+
+
+def test_endpoint_and_region_from_an_aws_profile_reach_loopback_s3(
+    s3_server, s3_bucket, tmp_path, monkeypatch
+):
+    """An awscli-style config file is the only place that names the endpoint (as the SDKs read
+    it: AWS_PROFILE's section, its `s3 = endpoint_url` sub-section first)."""
+    config = tmp_path / "config"
+    config.write_text(
+        "[default]\nregion = eu-west-3\n\n"
+        f"[profile loop]\nregion = us-east-1\ns3 =\n  endpoint_url = {s3_server}\n"
+    )
+    for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_PROFILE", "loop")
+    uri = f"s3://{s3_bucket}/p/x.bin"
+    storage.write_bytes_atomic(uri, b"hello")
+    assert storage.read_bytes(uri) == b"hello"
+    env = storage.s3_settings_env()
+    assert env == {"AWS_ENDPOINT_URL_S3": s3_server, "AWS_REGION": "us-east-1"}
+    monkeypatch.setenv("AWS_PROFILE", "default")
+    assert storage.s3_endpoint() == ("https", None) and storage.s3_settings_env() == {
+        "AWS_REGION": "eu-west-3"
+    }
