@@ -42,7 +42,17 @@ ROW_COLUMNS = (
 
 _BYTES_COLUMNS = ("latent", "pixels")  # raw float32 latent / uint8 HWC image of an image input
 _SHAPE_COLUMNS = ("shape", "pshape")
-_STR_COLUMNS = {"id", "shard", "status", "error", "backbone", "caption", "crop", "fingerprint"}
+_STR_COLUMNS = {
+    "id",
+    "shard",
+    "status",
+    "error",
+    "backbone",
+    "caption",
+    "crop",
+    "fingerprint",
+    "source_id",
+}
 
 
 def _empty_rows() -> dict[str, list]:
@@ -122,7 +132,7 @@ def read_shard(batch: Batch, job: JobConfig, duplicates: Any = None) -> Batch:
         for s in pending:
             if s.error or s.index in dups:
                 _add(rows, key, s.id, s.index, "error", s.error or dups[s.index], spec, fp)
-                rows["source_id"][-1] = s.source_id
+                rows["source_id"][-1] = s.source_id or ""
             else:
                 try:
                     backbone = s.backbone or spec.backbone
@@ -142,10 +152,10 @@ def read_shard(batch: Batch, job: JobConfig, duplicates: Any = None) -> Batch:
                     h, w = validate_latent_shape(spec, cfg, lq.shape, s.id, trained_sizes_only)
                 except (ValueError, TypeError) as e:
                     _add(rows, key, s.id, s.index, "error", storage.redact(str(e)), spec, fp)
-                    rows["source_id"][-1] = s.source_id
+                    rows["source_id"][-1] = s.source_id or ""
                 else:
                     _add(rows, key, s.id, s.index, "pending", None, spec, fp)
-                    rows["source_id"][-1] = s.source_id
+                    rows["source_id"][-1] = s.source_id or ""
                     rows["backbone"][-1] = backbone
                     rows["caption"][-1] = (
                         s.caption if s.caption is not None else job.sampling.caption
@@ -165,7 +175,7 @@ def read_shard(batch: Batch, job: JobConfig, duplicates: Any = None) -> Batch:
 def _add(rows, key, sample_id, index, status, error, spec: CheckpointSpec, fp: str) -> None:
     rows["id"].append(sample_id)
     rows["fingerprint"].append(fp)
-    rows["source_id"].append(None)
+    rows["source_id"].append("")  # "" = none: an all-None column would not be a string column
     rows["shard"].append(key)
     rows["index"].append(int(index))
     rows["shard_pending"].append(0)

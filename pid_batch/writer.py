@@ -243,6 +243,6 @@ def _timing_row(batch: Batch, i: int, job: JobConfig) -> dict[str, Any]:
         "crop": cell_str(get("crop")),
         "vae_encode_ms": float(get("vae_encode_ms", 0.0)),
         "baseline_ms": float(get("baseline_ms", 0.0)) or None,
-        "source_id": cell_str(get("source_id")),
+        "source_id": cell_str(get("source_id")) or None,
         "input_fingerprint": cell_str(get("fingerprint")),
     }

@@ -231,7 +231,7 @@ def test_changed_deleted_and_fixed_inputs(tmp_path, ray_local):
     put_shard(inp / "gone.safetensors", 2, ["g0", "g1"])
     (inp / "trunc.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
     s = run(job_for(inp, out))
-    assert (s["samples"], s["ok"], s["error"]) == (11, 9, 2)  # 1 NaN + 1 unreadable shard
+    assert (s["samples"], s["ok"], s["error"]) == (11, 9, 2), s["errors_by_reason"]  # NaN, shard
 
     # Replace a finished shard, break a sample of the unfinished one, delete one, fix one.
     put_shard(inp / "done.safetensors", 3, [f"d{i}" for i in range(3)], seed=7)
