@@ -218,6 +218,7 @@ def _real_decoder(job: JobConfig):
         device=device,
         dtype=job.model.dtype,
         compile=job.model.compile,
+        compile_mode=job.model.compile_mode,
         micro_batch=job.resources.micro_batch,
     )
     decoder.text_encoder = _text_encoder(job, decoder)

@@ -24,6 +24,8 @@ PRESETS = ("full", "tiny", "demo")
 # superseded, or refuse to start and name the changed shards.
 CHANGED_INPUTS = ("redo", "refuse")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# torch.compile modes: "reduce-overhead" captures CUDA graphs, "max-autotune" also tunes kernels.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class JobConfigError(ValueError):
@@ -46,6 +48,7 @@ class ModelConfig:
     # the bundled CPU-trained demo decoder (pid_batch/assets/demo, used when checkpoint is unset).
     preset: str = "full"
     compile: bool = False
+    compile_mode: str = "default"  # one of COMPILE_MODES; only read when compile is true
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     # The backbone's own VAE (diffusers folder, local or s3://): encodes image inputs and
     # gives the native-decode baseline.
@@ -89,6 +92,8 @@ class ModelConfig:
                 "model.text_encoder is required with preset 'full': a local directory or s3:// "
                 "prefix holding Gemma-2-2b-it (config, weights and tokenizer)"
             )
+        if self.compile_mode not in COMPILE_MODES:
+            raise JobConfigError(f"model.compile_mode={self.compile_mode!r}; valid: {COMPILE_MODES}")
         if self.dtype not in DTYPES:
             raise JobConfigError(f"model.dtype={self.dtype!r}; valid: {DTYPES}")
         if self.checkpoint_sha256 is not None and (

@@ -80,3 +80,21 @@ def test_bf16_weight_images_vs_fp32_reference(data_dir, name):
     diff = abs(bf16.astype(int) - fp32.astype(int))
     print(f"{name}: bf16-weight vs fp32 uint8 max|d| = {diff.max()}, mean {diff.mean():.3f}")
     assert 0 < diff.max() <= 8  # measured 2, 4, 3 (tiny_v1, tiny_v1p5, tiny_v1p5_flux2)
+
+
+def test_job_compile_mode_reaches_the_compiled_bucket(monkeypatch):
+    """`model.compile_mode` (e.g. CUDA graphs) is what the decoder hands torch.compile."""
+    from pid_batch import actors
+    from pid_batch.decoder import CompiledNet
+    from pid_batch.job import JobConfig, JobConfigError, ModelConfig
+
+    seen = []
+    monkeypatch.setattr(
+        CompiledNet, "__init__", lambda self, net, fullgraph=True, mode=None: seen.append(mode)
+    )
+    model = ModelConfig(preset="tiny", compile=True, compile_mode="reduce-overhead")
+    decoder = actors._real_decoder(JobConfig(input="in", output="out", model=model))
+    decoder._net_for(64, 64, 1)
+    assert seen == ["reduce-overhead"]
+    with pytest.raises(JobConfigError, match="compile_mode"):
+        ModelConfig(preset="tiny", compile=True, compile_mode="fast")
