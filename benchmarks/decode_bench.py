@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from pid_batch.checkpoint import load_net
-from pid_batch.config import VARIANTS, NetConfig, tiny
+from pid_batch.config import TXT_MAX_LENGTH, VARIANTS, NetConfig, tiny
 from pid_batch.model import PidNet, flops
 from pid_batch.sampling import sample, student_t_list
 
@@ -40,7 +40,7 @@ PEAK_BF16_FLOPS = {
 }
 
 
-def count_flops(cfg: NetConfig, H: int, W: int, txt_len: int = 300) -> int:
+def count_flops(cfg: NetConfig, H: int, W: int, txt_len: int = TXT_MAX_LENGTH) -> int:
     """Total FLOPs of one forward (see pid_batch.model.flops)."""
     return flops.count_flops(cfg, H, W, txt_len).total
 

@@ -1,4 +1,4 @@
-"""Simulated scale: N fake accelerators (SleepDecoder, 211 ms/image) on a local Ray; busy or not?
+"""Simulated scale: N fake accelerators (SleepDecoder, paper GB200 ms/image) on a local Ray; busy?
 
 For N = 1, 4, 8, 16 decode actors (`model.fake_latency_ms`, `resources.min_actors = max_actors
 = N`, `cpus_per_actor` small so 16 fit beside the read and encode tasks on 2 cores) this runs
@@ -51,7 +51,7 @@ from busy_bench import (  # noqa: E402
     write_shards,
 )
 
-LATENCY_MS = 211.0
+from pid_batch.fake import DEFAULT_LATENCY_MS as LATENCY_MS  # noqa: E402
 
 
 class _Probe:

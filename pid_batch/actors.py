@@ -56,7 +56,7 @@ class VaeStage:
                     ((z, box),) = self.codec.encode([img])
                     vae_ms[i] = self.codec.last_encode_ms
                     sigma = float(batch["sigma"][i])
-                    if sigma > 0:  # SPEC §6.1: noise added in fp32 from the sample's own seed
+                    if sigma > 0:  # fp32 noise, sample's own seed (docs/model.md#degrade-sigma)
                         g = torch.Generator().manual_seed(int(batch["seed"][i]))
                         z = lat.noise_latent(z, sigma, self.spec.backbone, generator=g)
                     z = np.ascontiguousarray(z.numpy(), dtype=np.float32)

@@ -1,6 +1,7 @@
 """Typed configuration of the PiD network and the registry of released checkpoints (stdlib only).
 
-Numbers and names follow SPEC.md §2 (official `nv-tlabs/PiD` @ 2c8814c).
+Numbers and names follow the released code (`nv-tlabs/PiD` @ 2c8814c); what they mean is in
+docs/model.md#released-checkpoints. The model-level constants below have their one home here.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 GATE_TYPES = ("sigma_aware_per_token_per_dim", "sigma_aware_per_token")
 PADDING_MODES = ("zeros", "replicate")
 ROPE_MODES = ("ntk_aware", "original")
+TXT_MAX_LENGTH = 300  # caption tokens the released nets read (docs/model.md#text-conditioning)
 
 # Official constructor kwargs that only matter for training / initialisation: accepted and ignored.
 _TRAINING_ONLY_KEYS = (
@@ -34,7 +36,10 @@ _ED_KEYS = (
 
 @dataclass(frozen=True)
 class NetConfig:
-    """Inference-relevant `PidNet` constructor arguments; defaults are the released base (§2.2)."""
+    """Inference-relevant `PidNet` constructor arguments; defaults are the released base.
+
+    See docs/model.md#released-checkpoints for the base and the per-variant overrides.
+    """
 
     in_channels: int = 3
     hidden_size: int = 1536
@@ -46,7 +51,7 @@ class NetConfig:
     pixel_depth: int = 2
     patch_size: int = 16
     txt_embed_dim: int = 2304
-    txt_max_length: int = 300
+    txt_max_length: int = TXT_MAX_LENGTH
     use_text_rope: bool = True
     text_rope_theta: float = 10000.0
     rope_mode: str = "ntk_aware"
@@ -162,7 +167,10 @@ class NetConfig:
 
     @property
     def lq_ratio(self) -> int:
-        """Nearest-neighbour upsampling factor from the unpatchified latent grid to the patch grid (§3.6)."""
+        """Nearest-neighbour factor from the unpatchified latent grid to the patch grid.
+
+        See docs/model.md#latent-projection.
+        """
         f = self.lq_latent_unpatchify_factor
         return self.sr_scale * (self.latent_spatial_down_factor // f) // self.patch_size
 
@@ -283,7 +291,7 @@ def demo(cfg: NetConfig) -> NetConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Released checkpoints (§2.1, §2.3, §6)
+# Released checkpoints (docs/model.md#released-checkpoints, #sampler, #latent-conventions)
 
 BACKBONES = ("flux", "flux2", "sd3", "dinov2", "siglip", "sdxl", "qwenimage")
 CKPT_TYPES = ("2k", "2kto4k", "2kto4k_v1pt5")
@@ -294,7 +302,11 @@ ALIASES: dict[str, str] = {
     "flux2-klein-9b": "flux2",
     "qwenimage-2512": "qwenimage",
 }
-DEFAULT_T_LIST = (0.999, 0.866, 0.634, 0.342, 0.0)
+DEFAULT_T_LIST = (0.999, 0.866, 0.634, 0.342, 0.0)  # student times (docs/model.md#schedule)
+TIMESCALE = 1000.0  # the net sees t * TIMESCALE (docs/model.md#timestep-embedding)
+# The paper's latency of one full 4-step 2048² decode on one GB200 (ms); plan.py calibrates its
+# time model with it and fake.SleepDecoder sleeps it by default.
+PAPER_GB200_MS_PER_2048 = 211.0
 
 
 @dataclass(frozen=True)
@@ -310,7 +322,7 @@ class CheckpointSpec:
     sr_scale: int
     t_list: tuple[float, ...] = DEFAULT_T_LIST
     steps: int = 4
-    timescale: float = 1000.0
+    timescale: float = TIMESCALE
     prediction_type: str = "velocity"
     noise_frame: str = "flow"
     square_only: bool = False

@@ -1,4 +1,6 @@
-"""Per-backbone latent conventions and the torch-free latent → PiD-form conversion (SPEC §6, §7).
+"""Per-backbone latent conventions and the torch-free latent → PiD-form conversion.
+
+The conventions themselves: docs/model.md#latent-conventions and #resolution.
 
 Read workers use `to_pid_array` (numpy only); `latents.to_pid` is its torch-tensor face.
 """
@@ -14,11 +16,15 @@ import numpy as np
 
 from pid_batch.config import ALIASES  # the one alias table of the project
 
-TRAINED_SIGMA_MAX = 0.8  # v1.5 students saw degrade_sigma ~ U[0, 0.8] (SPEC §6.1)
-FLUX2_BN_EPS = 1e-4  # AutoencoderKLFlux2 config `batch_norm_eps` (SPEC §6)
-RAE_SHIFT = math.sqrt(768 * 32 * 32 / 4096)  # DINOv2 RAE time shift, ≈ 13.856 (SPEC §6.1)
+# v1.5 students saw degrade_sigma ~ U[0, 0.8] (docs/model.md#degrade-sigma).
+TRAINED_SIGMA_MAX = 0.8
+# AutoencoderKLFlux2 config `batch_norm_eps` (docs/model.md#flux2-packing-and-batchnorm).
+FLUX2_BN_EPS = 1e-4
+# DINOv2 RAE time shift, ≈ 13.856 (docs/model.md#rae-time-shift).
+RAE_SHIFT = math.sqrt(768 * 32 * 32 / 4096)
 
-# AutoencoderKLQwenImage (Wan2.1 VAE) `latents_mean` / `latents_std` (SPEC §6).
+# AutoencoderKLQwenImage (Wan2.1 VAE) `latents_mean` / `latents_std`
+# (docs/model.md#latent-conventions).
 QWENIMAGE_LATENTS_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
     0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
@@ -31,7 +37,10 @@ QWENIMAGE_LATENTS_STD = (
 
 @dataclass(frozen=True)
 class LatentConvention:
-    """How one backbone's `LQ_latent` looks and how raw VAE latents map to it (SPEC §6 table)."""
+    """How one backbone's `lq_latent` looks and how raw VAE latents map to it.
+
+    One row of the table in docs/model.md#latent-conventions.
+    """
 
     backbone: str
     channels: int  # C of the PiD-form LQ_latent [C, h, w]
@@ -177,7 +186,10 @@ def sigma_out_of_distribution(sigma: float) -> bool:
 
 
 def euler_norm(sigma_eu: float) -> float:
-    """sqrt(σ²+1) of an EulerDiscrete sigma: VP state = x/norm, VP σ = σ/norm (SPEC §6.1)."""
+    """sqrt(σ²+1) of an EulerDiscrete sigma: VP state = x/norm, VP σ = σ/norm.
+
+    See docs/model.md#sdxl-euler-and-vp-frames.
+    """
     sigma_eu = float(sigma_eu)
     if not (math.isfinite(sigma_eu) and sigma_eu >= 0.0):
         raise ValueError(f"Euler sigma must be finite and >= 0; got {sigma_eu}")
@@ -185,7 +197,7 @@ def euler_norm(sigma_eu: float) -> float:
 
 
 def rae_time_shift(u: float, shift: float = RAE_SHIFT) -> float:
-    """Shifted flow time s·u / (1 + (s − 1)·u) (RAE sampler, SPEC §6.1)."""
+    """Shifted flow time s·u / (1 + (s − 1)·u) (RAE sampler, docs/model.md#rae-time-shift)."""
     return shift * u / (1.0 + (shift - 1.0) * u)
 
 
@@ -283,7 +295,9 @@ def to_pid_array(
     flux2_bn=None,
     sample_id: str | None = None,
 ) -> tuple[np.ndarray, float]:
-    """One sample's latent -> (LQ_latent [C, h, w] fp32 numpy copy, degrade_sigma) (SPEC §6, §6.1).
+    """One sample's latent -> (lq_latent [C, h, w] fp32 numpy copy, degrade_sigma).
+
+    The conventions: docs/model.md#latent-conventions, #degrade-sigma, #diffusers-outputs.
 
     `latent`: a numpy array or torch tensor. latent_format "pid": already [C, h, w] in the LDM's
     normalised space (dinov2/siglip also accept row-major tokens [1024, 768] / [256, 1152]).

@@ -4,8 +4,9 @@
 torch, so simulated actors start like light workers); it validates the
 same latent shapes, sleeps `latency_ms` per image (one device "busy" without using a CPU core) and
 returns a constant image of the output size. Select it with `model.fake_latency_ms` in a job.
-The default 211 ms/image is the per-image device time benchmarks/sim_scale.py simulates; pass a
-figure measured on your accelerator (benchmarks/decode_bench.py) instead.
+The default is the paper's GB200 figure for a 2048² image (`config.PAPER_GB200_MS_PER_2048`, also
+what benchmarks/sim_scale.py simulates); pass a figure measured on your accelerator
+(benchmarks/decode_bench.py) instead.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pid_batch.config import CheckpointSpec
+from pid_batch.config import PAPER_GB200_MS_PER_2048, CheckpointSpec
 from pid_batch.sample_checks import DecodeOutput, check_batch, net_config_for
 
-DEFAULT_LATENCY_MS = 211.0
+DEFAULT_LATENCY_MS = PAPER_GB200_MS_PER_2048
 _FILL = 127  # mid-grey: a constant image compresses to almost nothing in every format
 
 

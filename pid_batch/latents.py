@@ -1,4 +1,6 @@
-"""Per-backbone latent conventions, torch side: VAE (de)normalisation, noise, `to_pid` (SPEC §6, §7).
+"""Per-backbone latent conventions, torch side: VAE (de)normalisation, noise, `to_pid`.
+
+The conventions themselves: docs/model.md#latent-conventions.
 
 The torch-free half (the convention table, sigma checks, the numpy conversion) is
 `pid_batch.conventions`; its names are re-exported here.
@@ -53,7 +55,10 @@ def _as_float_tensor(latent: torch.Tensor | np.ndarray, where: str) -> torch.Ten
 
 
 def euler_to_vp(x: torch.Tensor, sigma_eu: float) -> tuple[torch.Tensor, float]:
-    """EulerDiscrete VE state x0+σε -> VP state and σ: x/sqrt(σ²+1), σ/sqrt(σ²+1) (SPEC §6.1)."""
+    """EulerDiscrete VE state x0+σε -> VP state and σ: x/sqrt(σ²+1), σ/sqrt(σ²+1).
+
+    See docs/model.md#sdxl-euler-and-vp-frames.
+    """
     norm = euler_norm(sigma_eu)
     return x.to(torch.float32) / norm, float(sigma_eu) / norm
 
@@ -94,7 +99,10 @@ def _flux2_stats(flux2_bn, where: str, device) -> tuple[torch.Tensor, torch.Tens
 
 
 def normalize_vae_latent(z, backbone: str, flux2_bn=None) -> torch.Tensor:
-    """Raw VAE posterior mean [..., C_raw, H, W] -> the LDM's normalised latent, fp32 (SPEC §6)."""
+    """Raw VAE posterior mean [..., C_raw, H, W] -> the LDM's normalised latent, fp32.
+
+    The normalisation per backbone: docs/model.md#latent-conventions.
+    """
     conv = convention(backbone)
     where = conv.backbone
     z = _as_float_tensor(z, where).to(torch.float32)
@@ -146,7 +154,10 @@ def denormalize_vae_latent(x, backbone: str, flux2_bn=None) -> torch.Tensor:
 def noise_latent(
     lq: torch.Tensor, sigma: float, backbone: str, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Noise a clean latent to `sigma` in the backbone's frame, fp32 (SPEC §6.1, from-clean path)."""
+    """Noise a clean latent to `sigma` in the backbone's frame, fp32.
+
+    See docs/model.md#degrade-sigma.
+    """
     conv = convention(backbone)
     sigma = validate_sigma(sigma, conv.backbone)
     x0 = lq.to(torch.float32)

@@ -1,4 +1,4 @@
-"""The Ray Data graph — the only module (with jobs/) that imports Ray.
+"""The Ray Data graph — where Ray's API is used (besides jobs/ and one `ray.get` in reader.py).
 
 shard listing ─▶ read_shard (CPU tasks: a shard in, blocks of one actor batch out; they wait
              │   for the duplicate-id scan, plain Ray tasks started beside the job)

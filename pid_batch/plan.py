@@ -1,10 +1,10 @@
 """Capacity planning: wall time, GPU-hours and output bytes for N latents on a cluster.
 
 Time model: a decode costs time proportional to its FLOPs, which are counted from the network
-config (SPEC §3.5) as two terms — token-linear work (GEMMs, convs: ∝ pixels) and attention
-(∝ tokens², tokens = pixels / 16²) — and calibrated by one measured point per accelerator (ms
-per 2048² image). At 2048² attention is 57 % of the FLOPs; at 4096² 84 %, so a 4×
-larger image costs ~10× the time, not 4×.
+config (docs/model.md#network) as two terms — token-linear work (GEMMs, convs: ∝ pixels) and
+attention (∝ tokens², tokens = pixels / 16²) — and calibrated by one measured point per
+accelerator (ms per 2048² image). At 2048² attention is 57 % of the FLOPs; at 4096² 84 %, so
+a 4× larger image costs ~10× the time, not 4×.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import re
 from typing import Any
 
 from pid_batch import storage
-from pid_batch.config import VARIANTS, NetConfig, resolve_checkpoint
+from pid_batch.config import PAPER_GB200_MS_PER_2048, VARIANTS, NetConfig, resolve_checkpoint
 from pid_batch.model.flops import count_decode_flops
 
 REFERENCE_HW = (2048, 2048)
@@ -25,9 +25,9 @@ REFERENCE_STEPS = 4  # the released checkpoints are 4-step distilled students
 REFERENCE_VARIANT = "v1p5_sr4x_c16"
 
 # ms per 2048² output image (full 4-step decode, batch share) on one accelerator.
-PAPER_LATENCY_MS: dict[str, float] = {"gb200": 211.0, "rtx": 1000.0}
+PAPER_LATENCY_MS: dict[str, float] = {"gb200": PAPER_GB200_MS_PER_2048, "rtx": 1000.0}
 PAPER_SOURCES = {
-    "gb200": "PiD paper: 211 ms per 2048² image on one GB200",
+    "gb200": f"PiD paper: {PAPER_GB200_MS_PER_2048:g} ms per 2048² image on one GB200",
     "rtx": "PiD paper: < 1 s per 2048² image on an RTX 5090; 1000 ms used as an upper bound "
     "(cluster.yaml's rtx nodes are g6e = L40S, not a 5090: measure and update)",
 }

@@ -9,9 +9,9 @@ import numpy as np
 
 from pid_batch.config import CheckpointSpec, NetConfig, demo, tiny
 
-# Largest output side a released checkpoint was trained or shown at (SPEC §7: 2kto4k buckets up
-# to 4096 px). A larger request is a mistake or an attempt to exhaust the decoder's memory; it is
-# refused for every preset (tiny included), before any allocation.
+# Largest output side a released checkpoint was trained or shown at (2kto4k buckets up to
+# 4096 px; docs/model.md#resolution). A larger request is a mistake or an attempt to exhaust the
+# decoder's memory; it is refused for every preset (tiny included), before any allocation.
 MAX_OUTPUT_SIDE = 4096
 
 
@@ -44,8 +44,9 @@ def validate_latent_shape(
 ) -> tuple[int, int]:
     """Check a PiD-form latent [C, h, w] against the checkpoint; return the output (H, W).
 
-    `trained_sizes_only` enforces SPEC §7's hard limit (dinov2/siglip decode only 2048²); the
-    tiny preset turns it off so tests can run those code paths at small sizes.
+    `trained_sizes_only` enforces the RAE checkpoints' one size (dinov2/siglip decode only 2048²,
+    docs/model.md#resolution); the tiny and demo presets turn it off so tests can run those code
+    paths at small sizes.
     """
     if len(shape) != 3:
         raise SampleError(sample_id, f"PiD latent must be [C, h, w]; got shape {tuple(shape)}")

@@ -1,4 +1,7 @@
-"""The distilled PiD sampler (SPEC.md §4): schedule functions, per-sample noise, the SDE loop."""
+"""The distilled PiD sampler: schedule functions, per-sample noise, the SDE loop.
+
+The math: docs/model.md#sampler.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pid_batch.config import DEFAULT_T_LIST
+from pid_batch.config import DEFAULT_T_LIST, TIMESCALE
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -65,7 +68,7 @@ def sample(
     step_noises: Sequence[Tensor] | None = None,
     generator: Generators = None,
     callback: Callable[[int, float, Tensor], None] | None = None,
-    timescale: float = 1000.0,
+    timescale: float = TIMESCALE,
 ) -> Tensor:
     """SDE sampling from `noise` [B, 3, H, W] over `t_list` (ending in 0); returns clamp(x, -1, 1).
 

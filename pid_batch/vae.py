@@ -17,7 +17,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-# diffusers 0.42.1 class of each backbone's VAE (SPEC §6 table).
+# diffusers 0.42.1 class of each backbone's VAE (docs/model.md#latent-conventions).
 VAE_CLASSES: dict[str, str] = {
     "flux": "AutoencoderKL",
     "sd3": "AutoencoderKL",

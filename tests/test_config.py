@@ -184,7 +184,7 @@ def test_output_hw(backbone, hw, out):
     spec = resolve_checkpoint(backbone)
     assert spec.output_hw(*hw) == out
     cfg = spec.net_config
-    # The output patch grid is exactly the latent grid x unpatchify x ratio (§7).
+    # The output patch grid is exactly latent grid x unpatchify x ratio (docs/model.md#resolution).
     f = cfg.lq_latent_unpatchify_factor * cfg.lq_ratio * cfg.patch_size
     assert f == spec.vae_scale * spec.sr_scale
     assert (out[0] // f, out[1] // f) == hw

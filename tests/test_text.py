@@ -1,4 +1,7 @@
-"""Caption conditioning (SPEC §5): CHI prompt, token selection, soft-capping, cache, stand-ins."""
+"""Caption conditioning: CHI prompt, token selection, soft-capping, cache, stand-ins.
+
+What is being checked: docs/model.md#text-conditioning.
+"""
 
 from __future__ import annotations
 
@@ -53,7 +56,8 @@ def _reference_decoder(path, softcap: bool):
 
 
 def _manual(path, captions, max_length, softcap=False):
-    """SPEC §5.3 written out: pad CHI+caption to n_chi+L-2, run with mask, keep [0] + last L-1."""
+    """docs/model.md#token-selection written out: pad CHI+caption to n_chi+L-2, run with mask,
+    keep [0] + last L-1."""
     decoder = _reference_decoder(path, softcap)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     tokenizer.padding_side = "right"
@@ -80,7 +84,9 @@ def test_chi_prompt_is_the_spec_constant():
     assert lines[5].endswith("a double-decker bus passing by towering glass skyscrapers.")
     assert lines[7] == "User Prompt: " and CHI_PROMPT.endswith("User Prompt: ")
     assert len(CHI_PROMPT) == 1057 and CHI_PROMPT.isascii()
-    # sha256 of SPEC §5.2's 8 lines joined with "\n", computed from the SPEC file.
+    # sha256 of the official prefix (nv-tlabs/PiD @ 2c8814c: 8 lines joined with "\n", trailing
+    # space, no final newline), computed from a transcription made apart from this module, so an
+    # edit to CHI_PROMPT fails here.
     digest = hashlib.sha256(CHI_PROMPT.encode()).hexdigest()
     assert digest == "62b9ab89eebb0ac5ee4d264bf96bf19d2b81f504bc3852500efeaf5a34d638b1"
 

@@ -1,4 +1,7 @@
-"""The PiD network in pure torch (no ray, no IO)."""
+"""The PiD network in pure torch (no ray, no storage) and its text encoder.
+
+Also the FLOP count and the demo autoencoder. The math: docs/model.md#network.
+"""
 
 from __future__ import annotations
 

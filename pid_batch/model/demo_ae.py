@@ -2,8 +2,9 @@
 
 No pretrained VAE can be downloaded here, so the bundled demo decoder reads latents of this small
 autoencoder instead (trained by `pid_batch.train`). Its `encode` returns the *normalised* latent
-(per-channel mean/std over the training set removed), the form PiD's `LQ_latent` takes (SPEC §6);
-`decode` gives the low-resolution image the PiD output is compared against.
+(per-channel mean/std over the training set removed), the form PiD's `lq_latent` takes
+(docs/model.md#latent-conventions); `decode` gives the low-resolution image the PiD output is
+compared against.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from pid_batch.config import NetConfig
+from pid_batch.config import TXT_MAX_LENGTH, NetConfig
 
 
 class Flops(NamedTuple):
@@ -18,7 +18,7 @@ class Flops(NamedTuple):
         return self.linear + self.attention
 
 
-def count_condition_flops(cfg: NetConfig, H: int, W: int, txt_len: int = 300) -> Flops:
+def count_condition_flops(cfg: NetConfig, H: int, W: int, txt_len: int = TXT_MAX_LENGTH) -> Flops:
     """FLOPs of `PidNet.condition` (LQ conv stack + output heads, y embedder): once per decode."""
     p = cfg.patch_size
     if H <= 0 or W <= 0 or H % p or W % p:
@@ -34,13 +34,15 @@ def count_condition_flops(cfg: NetConfig, H: int, W: int, txt_len: int = 300) ->
     return Flops(lin, 0)
 
 
-def count_decode_flops(cfg: NetConfig, H: int, W: int, steps: int = 4, txt_len: int = 300) -> Flops:
+def count_decode_flops(
+    cfg: NetConfig, H: int, W: int, steps: int = 4, txt_len: int = TXT_MAX_LENGTH
+) -> Flops:
     """FLOPs of one `steps`-step decode: `steps` forwards, the conditioning counted once."""
     f, c = count_flops(cfg, H, W, txt_len), count_condition_flops(cfg, H, W, txt_len)
     return Flops(steps * f.linear - (steps - 1) * c.linear, steps * f.attention)
 
 
-def count_flops(cfg: NetConfig, H: int, W: int, txt_len: int = 300) -> Flops:
+def count_flops(cfg: NetConfig, H: int, W: int, txt_len: int = TXT_MAX_LENGTH) -> Flops:
     """FLOPs of one forward for one H x W image (checked against torch's FlopCounterMode)."""
     p = cfg.patch_size
     if H <= 0 or W <= 0 or H % p or W % p:

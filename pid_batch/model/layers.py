@@ -1,4 +1,7 @@
-"""Math and primitive layers of PiD (SPEC.md §3.1-§3.4): norms, embeddings, RoPE, attention, MLPs."""
+"""Math and primitive layers of PiD: norms, embeddings, RoPE, attention, MLPs.
+
+The math: docs/model.md#primitives, #timestep-embedding, #rope and #pixel-blocks.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ROPE_POS_RANGE = 16.0  # RoPE positions are linspace(0, 16, n), not integer indices (§3.3)
+# RoPE positions are linspace(0, 16, n), not integer indices (docs/model.md#rope).
+ROPE_POS_RANGE = 16.0
 TABLE_CACHE_SIZE = 64  # constant tables kept (5 per resolution); oldest evicted first
 ROPE_THETA = 10000.0
-TIMESTEP_MAX_PERIOD = 10.0  # not 10000 (§3.2)
+TIMESTEP_MAX_PERIOD = 10.0  # not 10000 (docs/model.md#timestep-embedding)
 TIMESTEP_FREQ_DIM = 256
 PIXEL_SINCOS_BASE = 10000.0
 
@@ -50,7 +54,7 @@ class RMSNorm(nn.Module):
 
 
 def timestep_embedding(t: Tensor, dim: int = TIMESTEP_FREQ_DIM) -> Tensor:
-    """[B] net-facing timesteps (t*1000) -> [B, dim] `[cos, sin]` features, max period 10 (§3.2)."""
+    """[B] net-facing timesteps (t * TIMESCALE) -> [B, dim] `[cos, sin]` features, max period 10."""
     half = dim // 2
     freqs = torch.exp(
         -math.log(TIMESTEP_MAX_PERIOD)
@@ -74,7 +78,10 @@ def ntk_theta(n: int, n_ref: int, head_dim: int, mode: str) -> float:
 def rope_2d_angles(
     hs: int, ws: int, head_dim: int, ref_hw: tuple[int, int], mode: str, device: torch.device
 ) -> Tensor:
-    """[hs*ws, head_dim/2] angles, interleaved x, y, x, y... over the normalised patch grid (§3.3)."""
+    """[hs*ws, head_dim/2] angles, interleaved x, y, x, y... over the normalised patch grid.
+
+    Positions, frequencies and the NTK-aware base: docs/model.md#rope.
+    """
     n = head_dim // 4
     exponents = torch.arange(0, head_dim, 4, dtype=torch.float32, device=device)[:n] / head_dim
     omega_y = 1.0 / (ntk_theta(hs, ref_hw[0], head_dim, mode) ** exponents)  # [n]
@@ -137,7 +144,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 def pixel_sincos_half(n: int, dim: int, device: torch.device) -> Tensor:
-    """fp32 [n, dim] `[sin(u nu_k), cos(u nu_k)]` of integer coordinates u (float64 compute, §3.4)."""
+    """fp32 [n, dim] `[sin(u nu_k), cos(u nu_k)]` of integer coordinates u (float64 compute).
+
+    See docs/model.md#pixel-blocks (pixel embedding).
+    """
     q = dim // 2
     nu = PIXEL_SINCOS_BASE ** (-torch.arange(q, dtype=torch.float64, device=device) / q)  # [q]
     ang = torch.arange(n, dtype=torch.float64, device=device)[:, None] * nu[None]  # [n, q]

@@ -1,6 +1,9 @@
-"""The PiD network (SPEC.md §3): LQ projection + sigma-aware gates + MMDiT patch blocks + PiT blocks.
+"""The PiD network: LQ projection + sigma-aware gates + MMDiT patch blocks + PiT blocks.
 
-Inference only. Module and parameter names reproduce the official state-dict keys (§2.4).
+"LQ" (low quality) names the conditioning input — the generator's latent — as opposed to the
+high-resolution output; `lq_proj` is the branch that reads it. Inference only. Module and
+parameter names reproduce the official state-dict keys (docs/model.md#checkpoint-files); the
+math of each part is in docs/model.md#network.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pid_batch.model.layers import (
     split_heads,
 )
 
-LQ_GROUPNORM_GROUPS = 4  # not 32 (§3.6)
+LQ_GROUPNORM_GROUPS = 4  # not 32 (docs/model.md#latent-projection)
 
 
 class Conditioning(NamedTuple):
@@ -41,7 +44,10 @@ class Conditioning(NamedTuple):
 
 
 class SigmaGate(nn.Module):
-    """Sigma-aware gate: `x + sigmoid(content_proj([x; u]) - exp(log_alpha) * sigma) * u` (§3.7)."""
+    """Sigma-aware gate: `x + sigmoid(content_proj([x; u]) - exp(log_alpha) * sigma) * u`.
+
+    See docs/model.md#gates.
+    """
 
     def __init__(self, dim: int, gate_type: str):
         super().__init__()
@@ -74,7 +80,10 @@ class LQResBlock(nn.Module):
 
 
 class LQProjection(nn.Module):
-    """`lq_proj`: latent -> patch-grid conv features -> one token tensor per gate (+ PiT head) (§3.6)."""
+    """`lq_proj`: latent -> patch-grid conv features -> one token tensor per gate (+ PiT head).
+
+    See docs/model.md#latent-projection.
+    """
 
     def __init__(
         self,
@@ -106,7 +115,7 @@ class LQProjection(nn.Module):
         )
         self.gate_modules = nn.ModuleList(SigmaGate(out_dim, gate_type) for _ in range(num_outputs))
         self.pit_head = nn.Linear(hidden_dim, out_dim) if pit_output else None
-        # Training-only auxiliary RGB head (§3.8): kept for strict key matching, never run.
+        # Training-only auxiliary RGB head (docs/model.md#unused-parts): loaded, never run.
         self.lq_aux_rgb_head = (
             nn.Sequential(
                 nn.LayerNorm(hidden_dim),
@@ -251,7 +260,10 @@ class PixelAttention(nn.Module):
 
 
 class PixelBlock(nn.Module):
-    """PiT block: per-pixel adaLN, patch-compressed attention, per-pixel GELU MLP (§3.5)."""
+    """PiT block: per-pixel adaLN, patch-compressed attention, per-pixel GELU MLP.
+
+    See docs/model.md#pixel-blocks.
+    """
 
     def __init__(self, dim: int, pixels: int, attn_dim: int, heads: int, cond_dim: int):
         super().__init__()
@@ -287,7 +299,7 @@ class PixelEmbedder(nn.Module):
         emb = self.proj(x.permute(0, 2, 3, 1))  # [B, H, W, C]
         col = cached(("pixcol", W, C, dev), lambda: pixel_sincos_half(W, C // 2, dev))  # [W, C/2]
         row = cached(("pixrow", H, C, dev), lambda: pixel_sincos_half(H, C // 2, dev))  # [H, C/2]
-        # Column (x) features first, then row (y) features (§3.4).
+        # Column (x) features first, then row (y) features (docs/model.md#pixel-blocks).
         emb = torch.cat([emb[..., : C // 2] + col, emb[..., C // 2 :] + row[:, None]], dim=-1)
         emb = emb.view(B, H // p, p, W // p, p, C).permute(0, 1, 3, 2, 4, 5)  # [B, hs, ws, p, p, C]
         return emb.reshape(B * (H // p) * (W // p), p * p, C)
@@ -306,7 +318,7 @@ class FinalLayer(nn.Module):
 
 
 class PidNet(nn.Module):
-    """PiD decoder: `net(x_t, t*1000, caption_embs, lq_latent, degrade_sigma) -> velocity`.
+    """PiD decoder: `net(x_t, t * TIMESCALE, caption_embs, lq_latent, degrade_sigma) -> velocity`.
 
     Runs in fp32, or under `torch.autocast` (bf16) with fp32 or bf16 weights; inputs are upcast
     to fp32 like the reference. RoPE / sin-cos tables are cached per grid and device.

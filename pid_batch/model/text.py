@@ -1,4 +1,7 @@
-"""Caption conditioning for PiD: Gemma-2 last hidden states of CHI prompt + caption (SPEC §5)."""
+"""Caption conditioning for PiD: Gemma-2 last hidden states of CHI prompt + caption.
+
+The math: docs/model.md#text-conditioning.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,10 @@ from typing import Any
 
 import torch
 
-# SPEC §5.2: fixed instruction prefix inherited from Sana/PixelDiT; data, reproduced verbatim.
+from pid_batch.config import TXT_MAX_LENGTH
+
+# The fixed instruction prefix ("complex human instruction") of the official code, inherited from
+# Sana/PixelDiT: data of the released model, reproduced verbatim (docs/model.md#instruction-prefix).
 _CHI_LINES = (
     'Given a user prompt, generate an "Enhanced prompt" that provides detailed visual descriptions suitable for image generation. Evaluate the level of detail in the user prompt:',
     "- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, and spatial relationships to create vivid and concrete scenes.",
@@ -25,7 +31,6 @@ _CHI_LINES = (
 )
 CHI_PROMPT: str = "\n".join(_CHI_LINES)
 
-TXT_MAX_LENGTH = 300  # SPEC §2.3: text tokens per caption for every released checkpoint
 DEFAULT_CACHE_SIZE = 256  # full size: 300 x 2304 bf16 = 1.4 MB per entry, ~350 MB in all
 # Registered attention key: torch SDPA without Gemma-2's logit soft-capping. It must not contain
 # "sdpa": transformers 5.x routes any such name through Gemma2's `_supports_sdpa = False` check.
@@ -33,7 +38,7 @@ _NOCAP_ATTN = "pid_sdp_nocap"
 
 
 def _check_captions(captions: Sequence[str | None]) -> list[str]:
-    """Captions as plain strings; None is the null caption "" (SPEC §5.4)."""
+    """Captions as plain strings; None is the null caption "" (docs/model.md#null-caption)."""
     if isinstance(captions, (str, bytes)):
         raise ValueError(
             f"captions must be a sequence of str, got a single {type(captions).__name__}"
@@ -113,7 +118,10 @@ class _CachedCaptionEncoder:
 
 
 def select_caption_tokens(hidden: torch.Tensor, max_length: int) -> torch.Tensor:
-    """Keep BOS + the last (max_length - 1) positions (SPEC §5.3): [B, S, D] -> [B, max_length, D]."""
+    """Keep BOS + the last (max_length - 1) positions: [B, S, D] -> [B, max_length, D].
+
+    See docs/model.md#token-selection.
+    """
     seq = hidden.shape[1]
     if not 2 <= max_length <= seq:
         raise ValueError(
@@ -134,15 +142,16 @@ def _register_nocap_attention() -> None:
 
 
 class TextEncoder(_CachedCaptionEncoder):
-    """Gemma-2 decoder stack + tokenizer: captions -> [B, max_length, hidden] (SPEC §5).
+    """Gemma-2 decoder stack + tokenizer: captions -> [B, max_length, hidden].
 
     The model must have attention logit soft-capping disabled (`config.attn_logit_softcapping =
-    None`): the reference (transformers 4.57.1) ran Gemma-2 through torch SDPA, which skipped
-    it. `from_pretrained` sets this up. The tokenizer is switched to right padding in place.
-    A caption longer than the token budget is truncated to it (fixed shape as for any other);
-    an enormous one is first cut to `max_caption_chars` characters, which still hold more tokens
-    than the budget (no token spans more characters than the longest vocabulary piece), so
-    the kept tokens are the same and tokenising it stays cheap.
+    None`): the official code (transformers 4.57.1) ran Gemma-2 through torch SDPA, which
+    skipped it (docs/model.md#encoder). `from_pretrained` sets this up. The tokenizer is
+    switched to right padding in place. A caption longer than the token budget is truncated to
+    it (fixed shape as for any other); an enormous one is first cut to `max_caption_chars`
+    characters, which still hold more tokens than the budget (no token spans more characters
+    than the longest vocabulary piece), so the kept tokens are the same and tokenising it stays
+    cheap.
     """
 
     def __init__(
@@ -170,7 +179,7 @@ class TextEncoder(_CachedCaptionEncoder):
         super().__init__(max_length, int(decoder.config.hidden_size), device, cache_size)
         self.dtype, self.batch_size = dtype, batch_size
         self.model = decoder.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
-        tokenizer.padding_side = "right"  # SPEC §5.1: the Gemma tokenizer class defaults to left
+        tokenizer.padding_side = "right"  # the Gemma tokenizer class defaults to left
         self.tokenizer = tokenizer
         chi_ids = tokenizer(CHI_PROMPT)["input_ids"]
         if chi_ids[0] != tokenizer.bos_token_id or tokenizer.pad_token_id is None:
@@ -179,7 +188,7 @@ class TextEncoder(_CachedCaptionEncoder):
                 f" (id {tokenizer.pad_token_id}); CHI prompt starts with id {chi_ids[0]}"
             )
         self.n_chi = len(chi_ids)  # CHI tokens including BOS
-        self.token_length = self.n_chi + max_length - 2  # SPEC §5.3
+        self.token_length = self.n_chi + max_length - 2  # docs/model.md#token-selection
         longest_piece = max(len(piece) for piece in tokenizer.get_vocab())
         self.max_caption_chars = (self.token_length + 16) * longest_piece
 

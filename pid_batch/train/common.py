@@ -11,9 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from pid_batch.config import NetConfig
+from pid_batch.conventions import TRAINED_SIGMA_MAX
 from pid_batch.model.text import NullTextEncoder
 
-SIGMA_MAX = 0.8  # latent augmentation range of the v1.5 students (SPEC §6.1)
 P_AUGMENT = 0.75  # fraction of samples whose latent is noised
 
 
@@ -24,7 +24,7 @@ def null_caption(cfg: NetConfig, batch: int) -> Tensor:
 
 
 def augment_latent(
-    lq: Tensor, gen: torch.Generator, sigma_max: float = SIGMA_MAX, p: float = P_AUGMENT
+    lq: Tensor, gen: torch.Generator, sigma_max: float = TRAINED_SIGMA_MAX, p: float = P_AUGMENT
 ) -> tuple[Tensor, Tensor]:
     """Noise clean latents [B, C, h, w] to a per-sample sigma (flow frame) -> (latent, sigma [B])."""
     b = lq.shape[0]
@@ -41,7 +41,7 @@ def logit_normal_t(b: int, gen: torch.Generator, lo: float = 1e-3, hi: float = 0
 
 
 def x0_from_velocity(x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
-    """x0 = x_t - t v for x_t = (1 - t) x0 + t eps and v = eps - x0 (SPEC §4)."""
+    """x0 = x_t - t v for x_t = (1 - t) x0 + t eps and v = eps - x0 (docs/model.md#steps)."""
     return x_t - t[:, None, None, None] * v
 
 

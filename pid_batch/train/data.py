@@ -46,7 +46,7 @@ HELD_OUT_IMAGES = (
     SampleImage("camera", "camera.png", "CC0 (Lav Varshney)"),
 )
 
-SR_SCALE = 4  # PiD output / autoencoder decode (SPEC §1)
+SR_SCALE = 4  # PiD output / autoencoder decode (docs/model.md#what-pid-decodes)
 
 
 def skimage_data_dir() -> Path:

@@ -1,4 +1,6 @@
-"""Stage 3: DMD2 distillation of the teacher into the released 4-step SDE sampler (SPEC §4).
+"""Stage 3: DMD2 distillation of the teacher into the released 4-step SDE sampler.
+
+The sampler being distilled into: docs/model.md#sampler.
 
 Per generator step (Yin et al., "Improved Distribution Matching Distillation", 2024):
 1. pick a student time T_k of `[0.999, 0.866, 0.634, 0.342]`; reach x_{T_k} by running the student
@@ -25,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from pid_batch.checkpoint import save_checkpoint
-from pid_batch.config import DEFAULT_T_LIST
+from pid_batch.config import DEFAULT_T_LIST, TIMESCALE
 from pid_batch.model.demo_ae import DemoAutoencoder
 from pid_batch.model.pid_net import PidNet
 from pid_batch.sampling import student_t_list
@@ -39,7 +41,7 @@ from pid_batch.train.common import (
     x0_from_velocity,
 )
 from pid_batch.train.data import CropSampler
-from pid_batch.train.teacher import TIMESCALE, flow_matching_loss, make_condition
+from pid_batch.train.teacher import flow_matching_loss, make_condition
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """Stage 2: the PiD teacher — pixel-space flow matching conditioned on the latent and its sigma.
 
 For a high-resolution crop x0 the condition is the demo autoencoder's latent of the 4x-downscaled
-crop, noised to a per-sample degrade sigma (75 % of samples, sigma ~ U[0, 0.8]; SPEC §6.1). The
-network is the inference `PidNet` (demo preset of `v1_sr4x_c16`) predicting v = eps - x0 at
-x_t = (1 - t) x0 + t eps, fed t * 1000 (SPEC §2.3).
+crop, noised to a per-sample degrade sigma (75 % of samples, sigma ~ U[0, 0.8]; see
+docs/model.md#degrade-sigma). The network is the inference `PidNet` (demo preset of
+`v1_sr4x_c16`) predicting v = eps - x0 at x_t = (1 - t) x0 + t eps, fed t * TIMESCALE
+(docs/model.md#network).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from pid_batch.checkpoint import load_net, save_checkpoint
-from pid_batch.config import NetConfig
+from pid_batch.config import TIMESCALE, NetConfig
 from pid_batch.model.demo_ae import DemoAutoencoder
 from pid_batch.model.pid_net import PidNet
 from pid_batch.train.common import (
@@ -31,8 +32,6 @@ from pid_batch.train.common import (
 )
 from pid_batch.train.data import CropSampler, downscale
 
-TIMESCALE = 1000.0
-
 
 @dataclass(frozen=True)
 class TeacherTraining:
@@ -44,8 +43,8 @@ class TeacherTraining:
     warmup: int = 100
     hr_size: int = 128  # crop side of the first phase (cheap: 64 patch tokens)
     # Second phase at the demo's output size: RoPE positions are normalised to the image extent
-    # (SPEC §3.3), so a net trained only on 8x8 patch grids drifted in colour on 16x16 grids
-    # (held-out 256² PSNR 11.2 dB vs 13.7 dB at 128², measured at step 1200).
+    # (docs/model.md#rope), so a net trained only on 8x8 patch grids drifted in colour on 16x16
+    # grids (held-out 256² PSNR 11.2 dB vs 13.7 dB at 128², measured at step 1200).
     late_from: int = 1300
     late_hr_size: int = 256
     late_batch: int = 4
