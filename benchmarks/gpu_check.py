@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_bench import PEAK_BF16_FLOPS  # noqa: E402
 
-from pid_batch.config import resolve_checkpoint  # noqa: E402
+from pid_batch.backbones import resolve_checkpoint  # noqa: E402
 from pid_batch.decoder import Decoder, accelerator_name, pick_device  # noqa: E402
 from pid_batch.model.flops import count_decode_flops  # noqa: E402
 from pid_batch.model.text import NullTextEncoder  # noqa: E402

@@ -109,8 +109,8 @@ def write_checkpoint(args, path: Path) -> dict[str, Any]:
     """A random checkpoint in the official layout (bf16 `net.<key>`), built on the GPU if any."""
     import torch
 
+    from pid_batch.backbones import resolve_checkpoint
     from pid_batch.checkpoint import save_checkpoint
-    from pid_batch.config import resolve_checkpoint
     from pid_batch.decoder import net_config_for
     from pid_batch.model import PidNet
 
@@ -138,7 +138,7 @@ def _preset(args) -> str:
 
 def latent_hw(args) -> tuple[int, int]:
     """Backbone latent side for the output size (flux: output / 32)."""
-    from pid_batch.config import resolve_checkpoint
+    from pid_batch.backbones import resolve_checkpoint
     from pid_batch.decoder import net_config_for
 
     cfg = net_config_for(resolve_checkpoint(args.backbone, args.ckpt_type), _preset(args))

@@ -26,7 +26,7 @@ class VaeStage:
     def __init__(self, job: JobConfig):
         import torch
 
-        from pid_batch.vae import VaeCodec
+        from pid_batch.backbones.vae import VaeCodec
 
         self.job = job
         self.spec = job.model.spec
@@ -38,7 +38,7 @@ class VaeStage:
     def __call__(self, batch: Batch) -> Batch:
         import torch
 
-        from pid_batch import latents as lat
+        from pid_batch.backbones import tensors as lat
 
         n = len(batch["id"])
         out = {k: v for k, v in batch.items() if k not in ("pixels", "pshape")}

@@ -17,7 +17,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-LATENT_FORMATS = ("diffusers", "pid")
+from pid_batch.backbones import LATENT_FORMATS
+
 SHARD_SUFFIXES = (".safetensors", ".parquet")
 MAX_ID_CHARS = 128
 

@@ -1,7 +1,8 @@
-"""Typed configuration of the PiD network and the registry of released checkpoints (stdlib only).
+"""Typed configuration of the PiD network, its released variants and presets (stdlib only).
 
 Numbers and names follow the released code (`nv-tlabs/PiD` @ 2c8814c); what they mean is in
-docs/model.md#released-checkpoints. The model-level constants below have their one home here.
+docs/model.md#released-checkpoints. The model-level constants at the end have their one home here;
+which checkpoint each backbone uses is `pid_batch.backbones`.
 """
 
 from __future__ import annotations
@@ -291,156 +292,11 @@ def demo(cfg: NetConfig) -> NetConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Released checkpoints (docs/model.md#released-checkpoints, #sampler, #latent-conventions)
+# Model-level constants (docs/model.md#constants); the released checkpoints per backbone are in
+# pid_batch.backbones.
 
-BACKBONES = ("flux", "flux2", "sd3", "dinov2", "siglip", "sdxl", "qwenimage")
-CKPT_TYPES = ("2k", "2kto4k", "2kto4k_v1pt5")
-ALIASES: dict[str, str] = {
-    "zimage": "flux",
-    "zimage-turbo": "flux",
-    "flux2-klein-4b": "flux2",
-    "flux2-klein-9b": "flux2",
-    "qwenimage-2512": "qwenimage",
-}
 DEFAULT_T_LIST = (0.999, 0.866, 0.634, 0.342, 0.0)  # student times (docs/model.md#schedule)
 TIMESCALE = 1000.0  # the net sees t * TIMESCALE (docs/model.md#timestep-embedding)
 # The paper's latency of one full 4-step 2048² decode on one GB200 (ms); plan.py calibrates its
 # time model with it and fake.SleepDecoder sleeps it by default.
 PAPER_GB200_MS_PER_2048 = 211.0
-
-
-@dataclass(frozen=True)
-class CheckpointSpec:
-    """One released distilled checkpoint: file folder, network variant and sampling constants."""
-
-    backbone: str
-    ckpt_type: str
-    experiment: str
-    variant: str
-    latent_channels: int
-    vae_scale: int
-    sr_scale: int
-    t_list: tuple[float, ...] = DEFAULT_T_LIST
-    steps: int = 4
-    timescale: float = TIMESCALE
-    prediction_type: str = "velocity"
-    noise_frame: str = "flow"
-    square_only: bool = False
-
-    def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ValueError(f"unknown variant {self.variant!r}; known: {sorted(VARIANTS)}")
-        cfg = VARIANTS[self.variant]
-        if cfg.lq_latent_channels != self.latent_channels or cfg.sr_scale != self.sr_scale:
-            raise ValueError(
-                f"{self.experiment}: latent_channels/sr_scale {self.latent_channels}/"
-                f"{self.sr_scale} disagree with variant {self.variant!r}"
-            )
-        if self.noise_frame not in ("flow", "vp"):
-            raise ValueError(f"noise_frame={self.noise_frame!r} is not 'flow' or 'vp'")
-
-    @property
-    def net_config(self) -> NetConfig:
-        """The network configuration of this checkpoint."""
-        return VARIANTS[self.variant]
-
-    @property
-    def filename(self) -> str:
-        """Path of the weights inside the `nvidia/PiD` repository."""
-        return f"checkpoints/{self.experiment}/model_ema_bf16.pth"
-
-    def output_hw(self, h: int, w: int) -> tuple[int, int]:
-        """Output image size (H, W) for a PiD-form latent of spatial size (h, w)."""
-        f = self.vae_scale * self.sr_scale
-        return h * f, w * f
-
-
-def _spec(
-    backbone: str, ckpt_type: str, experiment: str, variant: str, **kw: Any
-) -> CheckpointSpec:
-    latent = {"flux": 16, "flux2": 128, "sd3": 16, "dinov2": 768, "siglip": 1152, "sdxl": 4}
-    vae = {"flux2": 16, "dinov2": 16, "siglip": 16}
-    return CheckpointSpec(
-        backbone=backbone,
-        ckpt_type=ckpt_type,
-        experiment=experiment,
-        variant=variant,
-        latent_channels=latent.get(backbone, 16),
-        vae_scale=vae.get(backbone, 8),
-        sr_scale=VARIANTS[variant].sr_scale,
-        **kw,
-    )
-
-
-_ENTRIES = (
-    _spec("flux", "2k", "PiD_res2k_sr4x_official_flux_distill_4step", "v1_sr4x_c16"),
-    _spec("flux2", "2k", "PiD_res2k_sr4x_official_flux2_distill_4step", "v1_sr4x_c128_flux2"),
-    _spec("sd3", "2k", "PiD_res2k_sr4x_official_sd3_distill_4step", "v1_sr4x_c16"),
-    _spec(
-        "dinov2",
-        "2k",
-        "PiD_res2k_sr4x_official_dinov2_distill_4step",
-        "v1_sr4x_c768_dinov2",
-        square_only=True,
-    ),
-    _spec(
-        "siglip",
-        "2k",
-        "PiD_res2k_sr8x_official_siglip_distill_4step",
-        "v1_sr8x_c1152_siglip",
-        square_only=True,
-    ),
-    _spec("sd3", "2kto4k", "PiD_res2kto4k_sr4x_official_sd3_distill_4step", "v1_sr4x_c16"),
-    _spec(
-        "sdxl",
-        "2kto4k",
-        "PiD_res2kto4k_sr4x_official_sdxl_distill_4step",
-        "v1_sr4x_c4_sdxl",
-        noise_frame="vp",
-    ),
-    _spec(
-        "flux",
-        "2kto4k_v1pt5",
-        "PiD_v1pt5_res2kto4k_sr4x_official_flux_distill_4step",
-        "v1p5_sr4x_c16",
-    ),
-    _spec(
-        "flux2",
-        "2kto4k_v1pt5",
-        "PiD_v1pt5_res2kto4k_sr4x_official_flux2_distill_4step",
-        "v1p5_sr4x_c128_flux2",
-    ),
-    _spec(
-        "qwenimage",
-        "2kto4k_v1pt5",
-        "PiD_v1pt5_res2kto4k_sr4x_official_qwenimage_distill_4step",
-        "v1p5_sr4x_c16",
-    ),
-)
-REGISTRY: dict[tuple[str, str], CheckpointSpec] = {(e.backbone, e.ckpt_type): e for e in _ENTRIES}
-
-
-def resolve_checkpoint(backbone: str, ckpt_type: str | None = None) -> CheckpointSpec:
-    """Look up a released checkpoint; aliases and case are folded.
-
-    `ckpt_type=None` picks the newest release for the backbone, in the order
-    `2kto4k_v1pt5` > `2kto4k` > `2k` (the order of `CKPT_TYPES`, reversed).
-    """
-    name = backbone.strip().lower()
-    name = ALIASES.get(name, name)
-    valid = ", ".join(f"{b}/{c}" for b, c in REGISTRY)
-    if ckpt_type is None:
-        for candidate in reversed(CKPT_TYPES):
-            if (name, candidate) in REGISTRY:
-                return REGISTRY[(name, candidate)]
-        raise ValueError(
-            f"unknown backbone {backbone!r}; valid (backbone/ckpt_type) pairs: {valid}; "
-            f"aliases: {ALIASES}"
-        )
-    key = (name, ckpt_type.strip().lower())
-    if key not in REGISTRY:
-        raise ValueError(
-            f"no released checkpoint for backbone={backbone!r}, ckpt_type={ckpt_type!r}; "
-            f"valid (backbone/ckpt_type) pairs: {valid}; aliases: {ALIASES}"
-        )
-    return REGISTRY[key]

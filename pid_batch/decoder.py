@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pid_batch.backbones import CheckpointSpec
 from pid_batch.checkpoint import load_net
-from pid_batch.config import CheckpointSpec
 from pid_batch.model import PidNet
 from pid_batch.sample_checks import (  # torch-free: read workers use them without torch
     DecodeOutput,

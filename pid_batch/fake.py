@@ -16,7 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pid_batch.config import PAPER_GB200_MS_PER_2048, CheckpointSpec
+from pid_batch.backbones import CheckpointSpec
+from pid_batch.config import PAPER_GB200_MS_PER_2048
 from pid_batch.sample_checks import DecodeOutput, check_batch, net_config_for
 
 DEFAULT_LATENCY_MS = PAPER_GB200_MS_PER_2048

@@ -11,13 +11,19 @@ from typing import Any
 import yaml
 
 from pid_batch.assets import bundled
-from pid_batch.config import ALIASES, BACKBONES, VARIANTS, CheckpointSpec, resolve_checkpoint
+from pid_batch.backbones import (
+    BACKBONES,
+    LATENT_FORMATS,
+    CheckpointSpec,
+    canonical_backbone,
+    resolve_checkpoint,
+)
+from pid_batch.config import VARIANTS
 
 LAYOUTS = ("files", "tar")
 INPUT_KINDS = ("latents", "images")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 IMAGE_FORMATS = ("jpeg", "png", "webp")
-LATENT_FORMATS = ("pid", "diffusers")
 PRESETS = ("full", "tiny", "demo")
 # What a rerun does with a shard whose content changed since it was decoded (a different
 # fingerprint: size and modification time/ETag): decode it again, its old rows, marker and tar
@@ -57,12 +63,12 @@ class ModelConfig:
     fake_latency_ms: float | None = None
 
     def __post_init__(self) -> None:
-        name = ALIASES.get(self.backbone.lower(), self.backbone.lower())
-        if name not in BACKBONES:
+        try:
+            canonical_backbone(self.backbone)
+        except ValueError as e:
             raise JobConfigError(
-                f"model.backbone={self.backbone!r} is not a released PiD backbone; "
-                f"valid: {sorted(BACKBONES) + sorted(ALIASES)}"
-            )
+                f"model.backbone={self.backbone!r} is not a released PiD backbone ({e})"
+            ) from None
         try:
             resolve_checkpoint(self.backbone, self.ckpt_type)
         except ValueError as e:
@@ -93,7 +99,9 @@ class ModelConfig:
                 "prefix holding Gemma-2-2b-it (config, weights and tokenizer)"
             )
         if self.compile_mode not in COMPILE_MODES:
-            raise JobConfigError(f"model.compile_mode={self.compile_mode!r}; valid: {COMPILE_MODES}")
+            raise JobConfigError(
+                f"model.compile_mode={self.compile_mode!r}; valid: {COMPILE_MODES}"
+            )
         if self.dtype not in DTYPES:
             raise JobConfigError(f"model.dtype={self.dtype!r}; valid: {DTYPES}")
         if self.checkpoint_sha256 is not None and (
@@ -240,7 +248,7 @@ class JobConfig:
                 f"{' and '.join(needs_vae)} need model.vae: the {self.model.backbone} VAE as a "
                 "diffusers folder (local path or s3:// prefix)"
             )
-        if needs_vae and self.model.spec.backbone in ("dinov2", "siglip"):
+        if needs_vae and BACKBONES[self.model.spec.backbone].is_rae:
             raise JobConfigError(
                 f"{' and '.join(needs_vae)} are not available for the {self.model.spec.backbone} "
                 "RAE backbone (no diffusers VAE); store its latents instead"

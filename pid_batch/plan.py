@@ -15,7 +15,8 @@ import re
 from typing import Any
 
 from pid_batch import storage
-from pid_batch.config import PAPER_GB200_MS_PER_2048, VARIANTS, NetConfig, resolve_checkpoint
+from pid_batch.backbones import resolve_checkpoint
+from pid_batch.config import PAPER_GB200_MS_PER_2048, VARIANTS, NetConfig
 from pid_batch.model.flops import count_decode_flops
 
 REFERENCE_HW = (2048, 2048)

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from pid_batch import codecs, storage
-from pid_batch.config import CheckpointSpec, resolve_checkpoint
-from pid_batch.conventions import to_pid_array
+from pid_batch.backbones import CheckpointSpec, resolve_checkpoint
+from pid_batch.backbones.arrays import to_pid_array
 from pid_batch.job import JobConfig
 from pid_batch.layout import Batch, image_sample_id, objects, sample_seed
 from pid_batch.sample_checks import SampleError, net_config_for, validate_latent_shape

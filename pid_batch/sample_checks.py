@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pid_batch.config import CheckpointSpec, NetConfig, demo, tiny
+from pid_batch.backbones import CheckpointSpec
+from pid_batch.config import NetConfig, demo, tiny
 
 # Largest output side a released checkpoint was trained or shown at (2kto4k buckets up to
 # 4096 px; docs/model.md#resolution). A larger request is a mistake or an attempt to exhaust the
@@ -71,11 +72,12 @@ def validate_latent_shape(
             sample_id,
             f"output {height}x{width} is not a multiple of the patch size {cfg.patch_size}",
         )
-    if trained_sizes_only and spec.square_only and (height, width) != (2048, 2048):
+    if trained_sizes_only and spec.fixed_hw and (h, w) != spec.fixed_hw:
+        height, width = spec.output_hw(*spec.fixed_hw)
         raise SampleError(
             sample_id,
-            f"{spec.backbone} decodes only 2048x2048 (latent [{c}, {2048 // (spec.vae_scale * spec.sr_scale)}, "
-            f"{2048 // (spec.vae_scale * spec.sr_scale)}]); got shape {tuple(shape)}",
+            f"{spec.backbone} decodes only {height}x{width} (latent [{c}, {spec.fixed_hw[0]}, "
+            f"{spec.fixed_hw[1]}]); got shape {tuple(shape)}",
         )
     return height, width
 

@@ -7,15 +7,17 @@ import json
 import pytest
 import torch
 
-from pid_batch.config import (
+from pid_batch.backbones import (
     ALIASES,
     BACKBONES,
     CKPT_TYPES,
     REGISTRY,
-    VARIANTS,
     CheckpointSpec,
-    NetConfig,
     resolve_checkpoint,
+)
+from pid_batch.config import (
+    VARIANTS,
+    NetConfig,
     tiny,
 )
 from pid_batch.model import PidNet
@@ -133,9 +135,9 @@ def test_registry_has_the_ten_released_pairs():
         assert spec.net_config is VARIANTS[spec.variant]
         assert spec.experiment.startswith("PiD_") and spec.experiment.endswith("_distill_4step")
         assert spec.t_list == (0.999, 0.866, 0.634, 0.342, 0.0) and spec.steps == 4
-    assert REGISTRY[("sdxl", "2kto4k")].noise_frame == "vp"
-    assert sum(s.noise_frame == "vp" for s in REGISTRY.values()) == 1
-    assert {b for (b, _), s in REGISTRY.items() if s.square_only} == {"dinov2", "siglip"}
+    assert [b for b in BACKBONES.values() if b.noise_frame == "vp"] == [BACKBONES["sdxl"]]
+    assert {b for (b, _), s in REGISTRY.items() if s.fixed_hw} == {"dinov2", "siglip"}
+    assert {b.name for b in BACKBONES.values() if b.is_rae} == {"dinov2", "siglip"}
 
 
 @pytest.mark.parametrize(
@@ -191,9 +193,7 @@ def test_output_hw(backbone, hw, out):
 
 
 def test_checkpoint_spec_validates_against_variant():
-    with pytest.raises(ValueError, match="disagree with variant"):
-        CheckpointSpec(
-            "flux", "2k", "x", "v1_sr4x_c16", latent_channels=128, vae_scale=8, sr_scale=4
-        )
+    with pytest.raises(ValueError, match="reads 16 channels at 4x; backbone 'flux2' has 128 at 4x"):
+        CheckpointSpec("flux2", "2k", "x", "v1_sr4x_c16")
     with pytest.raises(ValueError, match="unknown variant 'v9'"):
-        CheckpointSpec("flux", "2k", "x", "v9", latent_channels=16, vae_scale=8, sr_scale=4)
+        CheckpointSpec("flux", "2k", "x", "v9")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pid_batch import decoder as dec
-from pid_batch.config import resolve_checkpoint
+from pid_batch.backbones import resolve_checkpoint
 from pid_batch.model.text import NullTextEncoder
 
 SPEC = resolve_checkpoint("flux", "2k")

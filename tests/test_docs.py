@@ -97,7 +97,7 @@ def test_nothing_cites_a_document_outside_the_repository():
 ONE_HOME = [
     ("211 ms per 2048² on a GB200", r"(?<![\d.])211(\.0)?(?![\d.])", "pid_batch/config.py"),
     ("300 caption tokens", r"(?i)(txt|text|token)\w*(: int)? *= *300\b", "pid_batch/config.py"),
-    ("trained sigma 0.8", r"(?i)sigma\w*(: float)? *= *0\.8\b", "pid_batch/conventions.py"),
+    ("trained sigma 0.8", r"(?i)sigma\w*(: float)? *= *0\.8\b", "pid_batch/backbones/__init__.py"),
     ("timescale 1000", r"(?i)timescale\w*(: float)? *= *1000\b", "pid_batch/config.py"),
 ]
 

@@ -9,15 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from pid_batch import latents as L
-from pid_batch.latents import (
-    convention,
+from pid_batch import backbones as B
+from pid_batch.backbones import backbone as convention
+from pid_batch.backbones.arrays import dinov2_sigma, output_hw, sigma_out_of_distribution
+from pid_batch.backbones.tensors import (
     denormalize_vae_latent,
-    dinov2_sigma,
+    flux2_unpatchify,
     noise_latent,
     normalize_vae_latent,
-    output_hw,
-    sigma_out_of_distribution,
     to_pid,
 )
 
@@ -47,7 +46,7 @@ def _bn_stats(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     ],
 )
 def test_aliases_resolve(alias, name):
-    assert convention(alias).backbone == name
+    assert convention(alias).name == name
 
 
 def test_unknown_backbone_lists_valid_names():
@@ -56,9 +55,7 @@ def test_unknown_backbone_lists_valid_names():
 
 
 def test_convention_table():
-    got = {
-        n: (c.channels, c.vae_scale, c.noise_frame, c.sr_scale) for n, c in L.CONVENTIONS.items()
-    }
+    got = {n: (c.channels, c.vae_scale, c.noise_frame, c.sr_scale) for n, c in B.BACKBONES.items()}
     assert got == {
         "flux": (16, 8, "flow", 4),
         "flux2": (128, 16, "flow", 4),
@@ -153,7 +150,7 @@ def test_flux2_raw_klein_latent_pack_and_bn():
     raw = Flux2KleinPipeline._unpatchify_latents((lq * std + mean.view(-1, 1, 1))[None])[0]
     torch.testing.assert_close(to_pid(raw, "flux2", "diffusers", flux2_bn=(mean, var))[0], lq)
     torch.testing.assert_close(
-        L.flux2_unpatchify(lq), Flux2KleinPipeline._unpatchify_latents(lq[None])[0]
+        flux2_unpatchify(lq), Flux2KleinPipeline._unpatchify_latents(lq[None])[0]
     )
 
 
@@ -346,8 +343,8 @@ def test_qwenimage_constants_exact_and_match_diffusers_defaults():
     from diffusers import AutoencoderKLQwenImage
 
     params = inspect.signature(AutoencoderKLQwenImage.__init__).parameters
-    assert list(L.QWENIMAGE_LATENTS_MEAN) == params["latents_mean"].default
-    assert list(L.QWENIMAGE_LATENTS_STD) == params["latents_std"].default
+    assert list(B.BACKBONES["qwenimage"].latents_mean) == params["latents_mean"].default
+    assert list(B.BACKBONES["qwenimage"].latents_std) == params["latents_std"].default
     z = _rand(16, 2, 3)
     out = normalize_vae_latent(z, "qwenimage")
     c = 8

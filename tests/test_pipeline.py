@@ -185,7 +185,7 @@ def test_output_written_with_other_settings_is_refused(local_ray, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_flux_vae(tmp_path_factory):
-    from pid_batch.vae import make_tiny_vae
+    from pid_batch.backbones.vae import make_tiny_vae
 
     return str(make_tiny_vae(tmp_path_factory.mktemp("vae"), "flux"))
 

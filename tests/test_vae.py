@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pid_batch.latents import convention, denormalize_vae_latent, to_pid
-from pid_batch.vae import VaeCodec, center_crop_box, load_vae, make_tiny_vae
+from pid_batch.backbones import backbone as convention
+from pid_batch.backbones.tensors import denormalize_vae_latent, to_pid
+from pid_batch.backbones.vae import VaeCodec, center_crop_box, load_vae, make_tiny_vae
 
 VAE_BACKBONES = ("flux", "sd3", "sdxl", "flux2", "qwenimage")
 H, W = 53, 75  # not a multiple of 8 or 16 on either side

@@ -17,7 +17,7 @@ TORCH_FREE = (
     "pid_batch.writer",
     "pid_batch.resume",
     "pid_batch.layout",
-    "pid_batch.conventions",
+    "pid_batch.backbones.arrays",
     "pid_batch.sample_checks",
     "pid_batch.stages",
     "pid_batch.pipeline",

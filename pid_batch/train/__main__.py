@@ -21,8 +21,9 @@ import torch
 
 from pid_batch import codecs
 from pid_batch.assets import DEMO_DIR, DEMO_FILES
+from pid_batch.backbones import resolve_checkpoint
 from pid_batch.checkpoint import load_net
-from pid_batch.config import demo, resolve_checkpoint
+from pid_batch.config import demo
 from pid_batch.model.demo_ae import load_autoencoder
 from pid_batch.train import evaluate
 from pid_batch.train.autoencoder import AutoencoderTraining, train_autoencoder

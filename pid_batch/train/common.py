@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from pid_batch.backbones import TRAINED_SIGMA_MAX
 from pid_batch.config import NetConfig
-from pid_batch.conventions import TRAINED_SIGMA_MAX
 from pid_batch.model.text import NullTextEncoder
 
 P_AUGMENT = 0.75  # fraction of samples whose latent is noised

@@ -14,32 +14,26 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pid_batch.backbones import BACKBONES, FLUX2_BN_EPS, Backbone
+from pid_batch.backbones import backbone as backbone_row
+
 if TYPE_CHECKING:
     import torch
 
-# diffusers 0.42.1 class of each backbone's VAE (docs/model.md#latent-conventions).
-VAE_CLASSES: dict[str, str] = {
-    "flux": "AutoencoderKL",
-    "sd3": "AutoencoderKL",
-    "sdxl": "AutoencoderKL",
-    "flux2": "AutoencoderKLFlux2",
-    "qwenimage": "AutoencoderKLQwenImage",
-}
 _MAX_BATCH = 8  # images per VAE call; bounds activation memory of 2k-px encodes on one GPU
 
 
-def _vae_backbone(backbone: str) -> str:
-    """Canonical backbone name; ValueError for RAE backbones, which have no diffusers VAE here."""
-    from pid_batch.latents import canonical_backbone
-
-    name = canonical_backbone(backbone)
-    if name not in VAE_CLASSES:
+def _vae_backbone(backbone: str) -> Backbone:
+    """The backbone's table row; ValueError for RAE backbones, which have no diffusers VAE here."""
+    row = backbone_row(backbone)
+    if row.is_rae:
+        vaes = sorted(b.name for b in BACKBONES.values() if not b.is_rae)
         raise ValueError(
             f"backbone {backbone!r} is an RAE (representation autoencoder): image input and the "
             "native baseline decode are not available for RAE backbones; pass its features as "
-            f"latents instead. VAE backbones: {', '.join(sorted(VAE_CLASSES))}"
+            f"latents instead. VAE backbones: {', '.join(vaes)}"
         )
-    return name
+    return row
 
 
 def _vae_dir(path: str | Path) -> tuple[Path, str | None]:
@@ -56,15 +50,8 @@ def _vae_dir(path: str | Path) -> tuple[Path, str | None]:
 
 
 def _check_config(vae, name: str, where: str) -> None:
-    """Raise if the VAE's config disagrees with the backbone's latent convention (latents.py)."""
-    from pid_batch.latents import (
-        FLUX2_BN_EPS,
-        QWENIMAGE_LATENTS_MEAN,
-        QWENIMAGE_LATENTS_STD,
-        convention,
-    )
-
-    conv, cfg = convention(name), vae.config
+    """Raise if the VAE's config disagrees with the backbone's row of `pid_batch.backbones`."""
+    conv, cfg = backbone_row(name), vae.config
 
     def fail(what: str, got, want) -> None:
         raise ValueError(f"{where}: {what} is {got!r}, but the {name} convention needs {want!r}")
@@ -75,8 +62,8 @@ def _check_config(vae, name: str, where: str) -> None:
         if 2 ** len(cfg.temperal_downsample) != conv.vae_scale:
             fail("spatial factor", 2 ** len(cfg.temperal_downsample), conv.vae_scale)
         for key, want in (
-            ("latents_mean", QWENIMAGE_LATENTS_MEAN),
-            ("latents_std", QWENIMAGE_LATENTS_STD),
+            ("latents_mean", conv.latents_mean),
+            ("latents_std", conv.latents_std),
         ):
             got = tuple(float(v) for v in cfg[key])
             if len(got) != len(want) or not np.allclose(got, want, rtol=0, atol=1e-6):
@@ -108,10 +95,10 @@ def load_vae(path: str | Path, backbone: str, device="cpu", dtype=None):
     import torch
     from diffusers.utils import is_accelerate_available
 
-    name = _vae_backbone(backbone)
+    row = _vae_backbone(backbone)
+    name, cls_name = row.name, row.vae_class
     root, subfolder = _vae_dir(path)
     where = f"{name} VAE at {str(path)!r}"
-    cls_name = VAE_CLASSES[name]
     config = json.loads((root / (subfolder or "") / "config.json").read_text())
     found = config.get("_class_name")
     if found != cls_name:
@@ -165,10 +152,8 @@ class VaeCodec:
         crop_multiple: int | None = None,
         max_batch: int = _MAX_BATCH,
     ):
-        from pid_batch.latents import convention
-
-        self.backbone = _vae_backbone(backbone)
-        self.conv = convention(self.backbone)
+        self.conv = _vae_backbone(backbone)
+        self.backbone = self.conv.name
         self.vae = vae
         step = self.conv.vae_scale  # flux2: 8× VAE × 2×2 packing = 16 px per PiD latent cell
         multiple = step if crop_multiple is None else int(crop_multiple)
@@ -239,7 +224,7 @@ class VaeCodec:
         """H×W×3 uint8 images -> [(PiD-form latent [C, h, w] fp32 on CPU, crop box (l, t, r, b))]."""
         import torch
 
-        from pid_batch.latents import normalize_vae_latent
+        from pid_batch.backbones.tensors import normalize_vae_latent
 
         start = time.perf_counter()
         images = [self._check_image(img, i) for i, img in enumerate(images)]
@@ -265,7 +250,7 @@ class VaeCodec:
         """PiD-form latents [C, h, w] -> images [3, H, W] in [-1, 1] fp32 on CPU (native VAE decode)."""
         import torch
 
-        from pid_batch.latents import denormalize_vae_latent
+        from pid_batch.backbones.tensors import denormalize_vae_latent
 
         lats = [torch.as_tensor(x) for x in pid_latents]
         c = self.conv.channels
@@ -299,10 +284,8 @@ def make_tiny_vae(dir: Path, backbone: str, seed: int = 0) -> Path:
     import diffusers
     import torch
 
-    from pid_batch.latents import convention
-
-    name = _vae_backbone(backbone)
-    conv = convention(name)
+    conv = _vae_backbone(backbone)
+    name = conv.name
     out = Path(dir) / f"tiny-vae-{name}"
     four = dict(
         down_block_types=("DownEncoderBlock2D",) * 4,

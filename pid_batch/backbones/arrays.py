@@ -1,8 +1,7 @@
-"""Per-backbone latent conventions and the torch-free latent → PiD-form conversion.
+"""Latents → PiD form in numpy: what read workers run (no torch).
 
-The conventions themselves: docs/model.md#latent-conventions and #resolution.
-
-Read workers use `to_pid_array` (numpy only); `latents.to_pid` is its torch-tensor face.
+The conventions: docs/model.md#latent-conventions and #resolution. `pid_batch.latents.to_pid` is
+the torch-tensor face of `to_pid_array`.
 """
 
 from __future__ import annotations
@@ -10,88 +9,24 @@ from __future__ import annotations
 import math
 import numbers
 import sys
-from dataclasses import dataclass
 
 import numpy as np
 
-from pid_batch.config import ALIASES  # the one alias table of the project
-
-# v1.5 students saw degrade_sigma ~ U[0, 0.8] (docs/model.md#degrade-sigma).
-TRAINED_SIGMA_MAX = 0.8
-# AutoencoderKLFlux2 config `batch_norm_eps` (docs/model.md#flux2-packing-and-batchnorm).
-FLUX2_BN_EPS = 1e-4
-# DINOv2 RAE time shift, ≈ 13.856 (docs/model.md#rae-time-shift).
-RAE_SHIFT = math.sqrt(768 * 32 * 32 / 4096)
-
-# AutoencoderKLQwenImage (Wan2.1 VAE) `latents_mean` / `latents_std`
-# (docs/model.md#latent-conventions).
-QWENIMAGE_LATENTS_MEAN = (
-    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
-    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
-)  # fmt: skip
-QWENIMAGE_LATENTS_STD = (
-    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
-    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
-)  # fmt: skip
-
-
-@dataclass(frozen=True)
-class LatentConvention:
-    """How one backbone's `lq_latent` looks and how raw VAE latents map to it.
-
-    One row of the table in docs/model.md#latent-conventions.
-    """
-
-    backbone: str
-    channels: int  # C of the PiD-form LQ_latent [C, h, w]
-    vae_scale: int  # LDM-image pixels per PiD-form latent cell (s_vae)
-    noise_frame: str  # "flow": (1-σ)x0+σε, "vp": sqrt(1-σ²)x0+σε
-    sr_scale: int  # PiD output / LDM image size of the released checkpoints
-    raw_channels: int | None = None  # channels of the raw VAE posterior mean (None: RAE features)
-    packed_channels: int | None = None  # last dim of diffusers' packed [seq, ·] latents
-    packed_patch: int = 1  # latent cells per packed token side (2: flux/qwen 2×2 tokens)
-    scaling_factor: float | None = None  # normalised = scaling_factor·(z − shift_factor)
-    shift_factor: float = 0.0
-    fixed_hw: tuple[int, int] | None = None  # RAEs decode one size only (2048²)
-    tokens: int | None = None  # RAE features may come as a token sequence [tokens, C]
-
-
-CONVENTIONS: dict[str, LatentConvention] = {
-    c.backbone: c
-    for c in (
-        LatentConvention("flux", 16, 8, "flow", 4, 16, 64, 2, 0.3611, 0.1159),
-        LatentConvention("flux2", 128, 16, "flow", 4, 32, 128, 1),
-        LatentConvention("sd3", 16, 8, "flow", 4, 16, None, 1, 1.5305, 0.0609),
-        LatentConvention("sdxl", 4, 8, "vp", 4, 4, None, 1, 0.13025, 0.0),
-        LatentConvention("qwenimage", 16, 8, "flow", 4, 16, 64, 2),
-        LatentConvention("dinov2", 768, 16, "flow", 4, fixed_hw=(32, 32), tokens=1024),
-        LatentConvention("siglip", 1152, 16, "flow", 8, fixed_hw=(16, 16), tokens=256),
-    )
-}
-
-LATENT_FORMATS = ("pid", "diffusers")
-
-
-def canonical_backbone(backbone: str) -> str:
-    """Canonical backbone name for a name or alias; ValueError listing the valid names."""
-    name = str(backbone).strip().lower()
-    name = ALIASES.get(name, name)
-    if name not in CONVENTIONS:
-        valid = sorted([*CONVENTIONS, *ALIASES])
-        raise ValueError(f"unknown backbone {backbone!r}; valid names: {', '.join(valid)}")
-    return name
-
-
-def convention(backbone: str) -> LatentConvention:
-    """The LatentConvention of a backbone (aliases accepted)."""
-    return CONVENTIONS[canonical_backbone(backbone)]
+from pid_batch.backbones import (
+    FLUX2_BN_EPS,
+    LATENT_FORMATS,
+    RAE_SHIFT,
+    TRAINED_SIGMA_MAX,
+    Backbone,
+)
+from pid_batch.backbones import backbone as backbone_row
 
 
 def _where(backbone: str, sample_id: str | None) -> str:
     return f"sample {sample_id!r}: {backbone}" if sample_id is not None else backbone
 
 
-def _forms(conv: LatentConvention, latent_format: str) -> str:
+def _forms(conv: Backbone, latent_format: str) -> str:
     """Human-readable accepted shapes, for error messages."""
     c = conv.channels
     if conv.tokens is not None:
@@ -100,16 +35,16 @@ def _forms(conv: LatentConvention, latent_format: str) -> str:
     if latent_format == "pid":
         return f"[{c}, h, w]"
     extra = []
-    if conv.backbone == "qwenimage":
+    if conv.name == "qwenimage":
         extra.append(f"[{c}, 1, h, w]")
     if conv.packed_channels is not None:
         extra.append(f"packed [seq, {conv.packed_channels}]")
-    if conv.backbone == "flux2":
+    if conv.name == "flux2":
         extra.append("raw [32, 2h, 2w] with flux2_bn")
     return f"[{c}, h, w]" + (f" (or {', '.join(extra)})" if extra else "")
 
 
-def _shape_error(conv: LatentConvention, latent_format: str, shape, where: str) -> ValueError:
+def _shape_error(conv: Backbone, latent_format: str, shape, where: str) -> ValueError:
     return ValueError(
         f"{where} latent must have {conv.channels} channels {_forms(conv, latent_format)}; "
         f"got shape {tuple(shape)}"
@@ -239,7 +174,37 @@ def _packed_grid(seq: int, cell: int, height, width, where: str) -> tuple[int, i
     return rows, cols
 
 
-def _from_diffusers(x: np.ndarray, conv: LatentConvention, height, width, flux2_bn, where: str):
+def flux2_stats(flux2_bn, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) fp32 [128, 1, 1] from the FLUX.2 VAE's BatchNorm running stats.
+
+    std = sqrt(running_var + FLUX2_BN_EPS) (docs/model.md#flux2-packing-and-batchnorm).
+    """
+    if flux2_bn is None:
+        raise flux2_bn_missing(where)
+    tensor = _tensor_type()
+    mean, var = (
+        _as_float_array(s, where) if tensor is not None and isinstance(s, tensor) else np.asarray(s)
+        for s in flux2_bn
+    )
+    for name, s in (("running_mean", mean), ("running_var", var)):
+        if tuple(s.shape) != (128,) or s.dtype.kind not in "fiu" or not np.isfinite(s).all():
+            raise ValueError(
+                f"{where}: flux2_bn {name} must be 128 finite values; got shape {tuple(s.shape)}"
+            )
+    if (var < 0).any():
+        raise ValueError(f"{where}: flux2_bn running_var must be >= 0")
+    mean, var = mean.astype(np.float32), var.astype(np.float32)
+    return mean.reshape(128, 1, 1), np.sqrt(var + np.float32(FLUX2_BN_EPS)).reshape(128, 1, 1)
+
+
+def flux2_patchify(z: np.ndarray) -> np.ndarray:
+    """[32, H, W] -> [128, H/2, W/2], channel c·4 + a·2 + b (a row, b column offset)."""
+    c, h, w = z.shape
+    z = z.reshape(c, h // 2, 2, w // 2, 2)  # [c, i, a, j, b]
+    return z.transpose(0, 2, 4, 1, 3).reshape(c * 4, h // 2, w // 2)  # [c, a, b, i, j]
+
+
+def _from_diffusers(x: np.ndarray, conv: Backbone, height, width, flux2_bn, where: str):
     """Diffusers pipeline latent (packed/unpacked/raw) -> PiD form [C, h, w]."""
     c = conv.channels
     if x.ndim == 2 and conv.packed_channels is not None:
@@ -250,24 +215,21 @@ def _from_diffusers(x: np.ndarray, conv: LatentConvention, height, width, flux2_
         rows, cols = _packed_grid(seq, conv.vae_scale * p, height, width, where)
         x = x.reshape(rows, cols, c, p, p)  # [rows, cols, c, a, b]
         return x.transpose(2, 0, 3, 1, 4).reshape(c, rows * p, cols * p)  # [c, rows·a, cols·b]
-    if conv.backbone == "qwenimage" and x.ndim == 4 and x.shape[0] == c and x.shape[1] == 1:
+    if conv.name == "qwenimage" and x.ndim == 4 and x.shape[0] == c and x.shape[1] == 1:
         return x[:, 0]  # [C, 1, h, w] frame axis of the Wan-style VAE
-    if conv.backbone == "flux2" and x.ndim == 3 and x.shape[0] == conv.raw_channels:
+    if conv.name == "flux2" and x.ndim == 3 and x.shape[0] == conv.raw_channels:
         if x.shape[1] % 2 or x.shape[2] % 2:
             raise ValueError(
                 f"{where} raw 32-channel latent needs even H, W; got shape {tuple(x.shape)}"
             )
-        if flux2_bn is None:
-            raise flux2_bn_missing("flux2")
-        from pid_batch.latents import normalize_vae_latent  # torch: only with flux2_bn given
-
-        return normalize_vae_latent(x, "flux2", flux2_bn=flux2_bn).cpu().numpy()
+        mean, std = flux2_stats(flux2_bn, "flux2")
+        return (flux2_patchify(x.astype(np.float32)) - mean) / std
     if x.ndim == 3 and x.shape[0] == c:
         return x
     raise _shape_error(conv, "diffusers", x.shape, where)
 
 
-def _from_pid(x: np.ndarray, conv: LatentConvention, where: str) -> np.ndarray:
+def _from_pid(x: np.ndarray, conv: Backbone, where: str) -> np.ndarray:
     """PiD-form latent [C, h, w] (RAEs: or row-major tokens [h·w, C]) -> [C, h, w]."""
     if conv.tokens is not None and x.ndim == 2 and tuple(x.shape) == (conv.tokens, conv.channels):
         h, w = conv.fixed_hw
@@ -277,7 +239,7 @@ def _from_pid(x: np.ndarray, conv: LatentConvention, where: str) -> np.ndarray:
     raise _shape_error(conv, "pid", x.shape, where)
 
 
-def _expected_hw(conv: LatentConvention, height: int, width: int) -> tuple[int, int]:
+def _expected_hw(conv: Backbone, height: int, width: int) -> tuple[int, int]:
     """PiD-form (h, w) diffusers produces for an LDM image of height×width pixels."""
     cell, p = conv.vae_scale * conv.packed_patch, conv.packed_patch
     return (int(height) // cell) * p, (int(width) // cell) * p
@@ -310,8 +272,8 @@ def to_pid_array(
     SDXL: `sigma_frame="euler"` converts an EulerDiscrete state x0+σε and σ to the VP frame; "vp"
     means already VP; SDXL "diffusers" latents with sigma > 0 need an explicit sigma_frame.
     """
-    conv = convention(backbone)
-    name = conv.backbone
+    conv = backbone_row(backbone)
+    name = conv.name
     where = _where(name, sample_id)
     if latent_format not in LATENT_FORMATS:
         raise ValueError(
@@ -373,11 +335,11 @@ def to_pid_array(
 
 def output_hw(lq_latent_shape, backbone: str, sr_scale: int | None = None) -> tuple[int, int]:
     """PiD output (H, W) = latent (h, w) · s_vae · sr (sr defaults to the backbone's checkpoints)."""
-    conv = convention(backbone)
+    conv = backbone_row(backbone)
     sr = conv.sr_scale if sr_scale is None else sr_scale
     if isinstance(sr, bool) or not isinstance(sr, numbers.Integral) or sr < 1:
         raise ValueError(f"sr_scale must be a positive integer; got {sr_scale!r}")
     shape = tuple(lq_latent_shape)
     if len(shape) < 2 or shape[-1] < 1 or shape[-2] < 1:
-        raise ValueError(f"{conv.backbone}: latent shape must end in (h, w) >= 1; got {shape}")
+        raise ValueError(f"{conv.name}: latent shape must end in (h, w) >= 1; got {shape}")
     return int(shape[-2]) * conv.vae_scale * sr, int(shape[-1]) * conv.vae_scale * sr
