@@ -14,7 +14,7 @@ import math
 import re
 from typing import Any
 
-from pid_batch import storage
+from pid_batch import codecs, storage
 from pid_batch.backbones import resolve_checkpoint
 from pid_batch.config import PAPER_GB200_MS_PER_2048, VARIANTS, NetConfig
 from pid_batch.model.flops import count_decode_flops
@@ -209,11 +209,7 @@ def plan(
         raise ValueError(f"n must be a non-negative int, got {n!r}")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
-    fmt = {"jpg": "jpeg"}.get(image_format.lower(), image_format.lower())
-    if fmt not in BYTES_PER_PIXEL:
-        raise ValueError(
-            f"image_format must be one of {sorted(BYTES_PER_PIXEL)}, got {image_format!r}"
-        )
+    fmt = codecs.image_format(image_format)  # the writer's formats and aliases
     name, cfg = _net(variant)
     gpus = cluster_accelerators(cluster, nodes) if isinstance(cluster, str) else dict(cluster)
     user = {_slug(k): float(v) for k, v in (table or {}).items()}

@@ -11,6 +11,7 @@ from pid_batch import codecs
 from pid_batch.config import VARIANTS
 from pid_batch.model.flops import count_condition_flops, count_flops
 from pid_batch.plan import (
+    BYTES_PER_PIXEL,
     PAPER_LATENCY_MS,
     cluster_accelerators,
     decode_flops,
@@ -56,7 +57,9 @@ def test_unknown_accelerator_and_bad_inputs():
         plan(10, 2048, 2048, "nope", {"gb200": 1})
     with pytest.raises(ValueError, match="multiples of 16"):
         plan(10, 2000, 2047, "v1p5_sr4x_c16", {"gb200": 1})
-    with pytest.raises(ValueError, match="image_format"):
+    assert set(BYTES_PER_PIXEL) == set(codecs.IMAGE_FORMATS)  # a size for every format written
+    assert plan(10, 2048, 2048, "v1p5_sr4x_c16", {"gb200": 1}, image_format="JPG")
+    with pytest.raises(ValueError, match="image format"):
         plan(10, 2048, 2048, "v1p5_sr4x_c16", {"gb200": 1}, image_format="tiff")
     # a user table adds accelerators and overrides the paper's figures
     p = plan(100, 2048, 2048, "v1p5_sr4x_c16", {"h100": 2, "gb200": 1}, {"H100": 400, "GB200": 150})

@@ -205,17 +205,16 @@ def resolve_checkpoint(backbone: str, ckpt_type: str | None = None) -> Checkpoin
     `ckpt_type=None` picks the newest release for the backbone, in the order
     `2kto4k_v1pt5` > `2kto4k` > `2k` (the order of `CKPT_TYPES`, reversed).
     """
-    name = str(backbone).strip().lower()
-    name = ALIASES.get(name, name)
     valid = ", ".join(f"{b}/{c}" for b, c in REGISTRY)
-    if ckpt_type is None:
-        for candidate in reversed(CKPT_TYPES):
-            if (name, candidate) in REGISTRY:
-                return REGISTRY[(name, candidate)]
+    try:
+        name = canonical_backbone(backbone)
+    except ValueError:
         raise ValueError(
             f"unknown backbone {backbone!r}; valid (backbone/ckpt_type) pairs: {valid}; "
             f"aliases: {ALIASES}"
-        )
+        ) from None
+    if ckpt_type is None:
+        return next(REGISTRY[(name, c)] for c in reversed(CKPT_TYPES) if (name, c) in REGISTRY)
     key = (name, str(ckpt_type).strip().lower())
     if key not in REGISTRY:
         raise ValueError(
