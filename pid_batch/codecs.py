@@ -108,6 +108,7 @@ _ST_DTYPES = {
 }  # fmt: skip
 _NP_TO_ST = {"float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32"}
 _FLOAT_ST = ("F64", "F32", "F16", "BF16")
+_ST_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -126,21 +127,8 @@ class _Tensor:
 
 def _parse_safetensors(data: bytes, name: str) -> tuple[dict[str, _Tensor], dict[str, str]]:
     """Tensors (zero-copy views) and string metadata of a safetensors file; ShardError if malformed."""
-    if len(data) < 8:
-        raise ShardError(name, f"truncated: {len(data)} bytes, not a safetensors file")
-    n = int.from_bytes(data[:8], "little")
-    if n < 2 or n > len(data) - 8:  # the length is file bytes: never quoted
-        raise ShardError(name, f"invalid header length: does not fit a {len(data)}-byte file")
-    try:
-        header = json.loads(bytes(data[8 : 8 + n]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ShardError(name, f"unreadable safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise ShardError(name, "safetensors header is not a JSON object")
-    meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise ShardError(name, "__metadata__ must map strings to strings")
-    body = memoryview(data)[8 + n :]
+    header, meta, end = safetensors_header(data, name)
+    body = memoryview(data)[end:]
     tensors = {}
     for key, spec in header.items():
         if not _entry_fits(spec, len(body)):
@@ -259,7 +247,9 @@ PARQUET_SHARD_SCHEMA = pa.schema(
         pa.field("latent_format", pa.string()),
     ]
 )
-_PQ_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+_PQ_DTYPES = {
+    _ST_NAMES[k]: k for k in ("F32", "F16", "BF16")
+}  # latent dtypes Parquet rows may name
 
 
 def write_parquet_shard(samples: list[dict]) -> bytes:
@@ -480,8 +470,40 @@ def safetensors_header_bytes(prefix: bytes, name: str = "<shard>") -> int:
         raise ShardError(name, f"truncated: {len(prefix)} bytes, not a safetensors file")
     n = int.from_bytes(prefix[:SAFETENSORS_PREFIX_BYTES], "little")
     if not 2 <= n <= MAX_HEADER_BYTES:  # the length is file bytes: never quoted
-        raise ShardError(name, f"invalid header length (not in [2, {MAX_HEADER_BYTES}])")
+        raise ShardError(name, f"invalid header length: does not fit [2, {MAX_HEADER_BYTES}] bytes")
     return SAFETENSORS_PREFIX_BYTES + n
+
+
+def safetensors_header(
+    data: bytes, name: str = "<shard>", file_size: int | None = None
+) -> tuple[dict, dict[str, str], int]:
+    """(tensor entries, string metadata, body offset) of a safetensors file; ShardError if malformed.
+
+    `data` is the whole file, or at least its header when `file_size` says how long the file is.
+    """
+    end = safetensors_header_bytes(data, name)
+    size = len(data) if file_size is None else file_size
+    if end > size:
+        raise ShardError(name, f"invalid header length: does not fit a {size}-byte file")
+    if len(data) < end:
+        raise ShardError(name, f"truncated header: {len(data)} of {end} bytes")
+    try:
+        header = json.loads(bytes(data[SAFETENSORS_PREFIX_BYTES:end]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ShardError(name, f"unreadable safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise ShardError(name, "safetensors header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ShardError(name, "__metadata__ must map strings to strings")
+    return header, meta, end
+
+
+def stored_dtype(data: bytes, name: str) -> str:
+    """The dtype name ('bfloat16', 'float32', ...) a safetensors shard stores its latents in."""
+    entry = safetensors_header(data, name)[0].get("latents")
+    dtype = entry.get("dtype") if isinstance(entry, dict) else None
+    return _ST_NAMES.get(dtype, str(dtype))
 
 
 def read_shard_ids(
@@ -493,16 +515,9 @@ def read_shard_ids(
     cannot fit the file is refused before anything per sample is allocated."""
     stem = stem or id_stem(name)
     if name.lower().endswith(".safetensors"):
-        end = safetensors_header_bytes(data, name)
-        if len(data) < end:
-            raise ShardError(name, f"truncated header: {len(data)} of {end} bytes")
-        try:
-            header = json.loads(bytes(data[SAFETENSORS_PREFIX_BYTES:end]))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ShardError(name, f"unreadable safetensors header ({e})") from None
-        meta = header.get("__metadata__") or {} if isinstance(header, dict) else None
-        if not isinstance(meta, dict) or "latents" not in header:
-            raise ShardError(name, "no 'latents' tensor or metadata in the header")
+        header, meta, end = safetensors_header(data, name, size)
+        if "latents" not in header:
+            raise ShardError(name, "no 'latents' tensor in the header")
         if size is None:  # header alone: the entry's offsets cannot be checked against the body
             n = _latents_count(header["latents"], name, len(data))
         else:

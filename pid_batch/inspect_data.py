@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -16,16 +15,13 @@ from pid_batch import codecs, storage
 from pid_batch.summary import error_reason
 
 MAX_EXAMPLES = 3  # example ids kept per problem
-_ST_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 def _stored_dtypes(data: bytes, name: str, n: int) -> Counter:
     """{stored latent dtype: samples} of a shard (read_shard hands out float32 whatever was stored)."""
     try:
         if name.lower().endswith(".safetensors"):
-            size = int.from_bytes(data[:8], "little")
-            dtype = json.loads(bytes(data[8 : 8 + size]))["latents"]["dtype"]
-            return Counter({_ST_NAMES.get(dtype, dtype): n})
+            return Counter({codecs.stored_dtype(data, name): n})
         col = pq.read_table(pa.BufferReader(data), columns=["dtype"]).column("dtype")
         return Counter(str(v) for v in col.to_pylist())
     except Exception:  # read_shard already accepted the file; this is only a detail
