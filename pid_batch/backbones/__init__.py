@@ -99,10 +99,15 @@ BACKBONES: dict[str, Backbone] = {
 ALIASES: dict[str, str] = {a: b.name for b in BACKBONES.values() for a in b.aliases}
 
 
+def _fold(backbone: str) -> str:
+    """Case, spaces and aliases folded; not checked against the table."""
+    name = str(backbone).strip().lower()
+    return ALIASES.get(name, name)
+
+
 def canonical_backbone(backbone: str) -> str:
     """Canonical backbone name for a name or alias (case folded); ValueError listing valid names."""
-    name = str(backbone).strip().lower()
-    name = ALIASES.get(name, name)
+    name = _fold(backbone)
     if name not in BACKBONES:
         valid = sorted([*BACKBONES, *ALIASES])
         raise ValueError(f"unknown backbone {backbone!r}; valid names: {', '.join(valid)}")
@@ -206,14 +211,13 @@ def resolve_checkpoint(backbone: str, ckpt_type: str | None = None) -> Checkpoin
     `2kto4k_v1pt5` > `2kto4k` > `2k` (the order of `CKPT_TYPES`, reversed).
     """
     valid = ", ".join(f"{b}/{c}" for b, c in REGISTRY)
-    try:
-        name = canonical_backbone(backbone)
-    except ValueError:
-        raise ValueError(
-            f"unknown backbone {backbone!r}; valid (backbone/ckpt_type) pairs: {valid}; "
-            f"aliases: {ALIASES}"
-        ) from None
+    name = _fold(backbone)
     if ckpt_type is None:
+        if name not in BACKBONES:
+            raise ValueError(
+                f"unknown backbone {backbone!r}; valid (backbone/ckpt_type) pairs: {valid}; "
+                f"aliases: {ALIASES}"
+            )
         return next(REGISTRY[(name, c)] for c in reversed(CKPT_TYPES) if (name, c) in REGISTRY)
     key = (name, str(ckpt_type).strip().lower())
     if key not in REGISTRY:
