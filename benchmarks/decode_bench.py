@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from pid_batch.checkpoint import load_net
-from pid_batch.config import TXT_MAX_LENGTH, VARIANTS, NetConfig, tiny
+from pid_batch.config import VARIANTS, NetConfig, tiny
 from pid_batch.model import PidNet, flops
 from pid_batch.sampling import sample, student_t_list
 
@@ -38,11 +38,6 @@ PEAK_BF16_FLOPS = {
     "L40S": 362.1e12,
     "A10G": 70e12,
 }
-
-
-def count_flops(cfg: NetConfig, H: int, W: int, txt_len: int = TXT_MAX_LENGTH) -> int:
-    """Total FLOPs of one forward (see pid_batch.model.flops)."""
-    return flops.count_flops(cfg, H, W, txt_len).total
 
 
 def make_inputs(cfg: NetConfig, batch: int, H: int, W: int, device, seed: int = 0):
@@ -117,7 +112,7 @@ def bench_cuda(args) -> list[dict]:
     for key, value in PEAK_BF16_FLOPS.items():
         if peak is None and key in name:
             peak = value
-    flops_per_image = args.steps_flops * count_flops(cfg, args.size, args.size)
+    flops_per_image = flops.count_decode_flops(cfg, args.size, args.size, args.steps_flops).total
     largest = _largest_batch(net, cfg, args.size, device, args.max_batch)
     rows = []
     for mode in ("eager", "compile"):
@@ -225,7 +220,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tiny-size", type=int, default=256, help="CPU tiny-preset output side")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-batch", type=int, default=64)
-    ap.add_argument("--steps-flops", type=int, default=4, help="network calls per image (MFU)")
+    ap.add_argument(
+        "--steps-flops",
+        type=int,
+        default=4,
+        help="sampler steps per image (MFU; conditioning counted once)",
+    )
     ap.add_argument("--peak-tflops", type=float, default=None, help="override the GPU peak")
     ap.add_argument("--no-cuda", action="store_true")
     ap.add_argument("--load-rss", action="store_true", help="only the checkpoint-load RSS test")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,17 +12,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pid_batch.config import VARIANTS, NetConfig, tiny
 from pid_batch.model import PidNet, build_net
+from pid_batch.model.flops import count_flops
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "decode_bench", ROOT / "benchmarks/decode_bench.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_all_seven_variants_have_key_files(data_dir):
@@ -84,10 +75,10 @@ def test_count_flops_matches_flop_counter(variant):
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         net(*args)
     expected = counter.get_total_flops()
-    assert B * _bench().count_flops(cfg, H, W, txt_len=300) == expected
+    assert B * count_flops(cfg, H, W, txt_len=300).total == expected
 
 
 def test_count_flops_full_size_is_plausible():
-    flops = _bench().count_flops(VARIANTS["v1p5_sr4x_c16"], 2048, 2048)
+    flops = count_flops(VARIANTS["v1p5_sr4x_c16"], 2048, 2048).total
     # ~2 * params * tokens for the patch stack alone: 2 * 1.19e9 * 16384 ≈ 39 TFLOP.
     assert 35e12 < flops < 80e12
