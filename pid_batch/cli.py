@@ -121,37 +121,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    """Validate locally, then hand the job to `ray job submit` with this checkout as working dir."""
-    import shutil
-    import subprocess
-    from pathlib import Path
+    """Validate locally, then run the spec on a Ray cluster with this directory as working dir."""
+    from pid_batch.submit import submit
 
-    from pid_batch.job import load_job
-
-    load_job(args.job, _parse_set(args.set))  # config errors fail here, before submitting
-    ray_bin = shutil.which("ray")
-    if ray_bin is None:
-        raise JobConfigError(
-            "the `ray` command is not on PATH; install pid-batch in this environment"
-        )
-    root = Path(__file__).resolve().parent.parent
-    job = Path(args.job).resolve()
-    cmd = [ray_bin, "job", "submit", "--working-dir", str(root)]
-    if args.address:
-        cmd += ["--address", args.address]
-    if args.no_wait:
-        cmd.append("--no-wait")
-    try:
-        rel = job.relative_to(root)
-    except ValueError:
-        raise JobConfigError(
-            f"the job spec must live inside the checkout {str(root)!r} to travel with it"
-        ) from None
-    cmd += ["--", "python", "jobs/decode_latents.py", str(rel)]
-    for item in args.set:
-        cmd += ["--set", item]
-    print(" ".join(cmd), file=sys.stderr)
-    return subprocess.call(cmd)
+    return submit(
+        args.job,
+        args.set,
+        _parse_set(args.set),
+        working_dir=args.working_dir,
+        address=args.address,
+        wait=not args.no_wait,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -192,11 +172,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
     s.set_defaults(fn=cmd_summary)
 
-    sb = sub.add_parser("submit", help="validate a job spec, then `ray job submit` it to a cluster")
-    sb.add_argument("job", help="job spec YAML inside this checkout")
+    sb = sub.add_parser(
+        "submit", help="validate a job spec, then run it on a Ray cluster (Ray Jobs API)"
+    )
+    sb.add_argument("job", help="job spec YAML, inside the working directory")
     sb.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    sb.add_argument("--address", help="Ray dashboard address (default: RAY_ADDRESS)")
-    sb.add_argument("--no-wait", action="store_true", help="return once submitted")
+    sb.add_argument(
+        "--working-dir",
+        help="directory packaged for the job (default: the current directory)",
+    )
+    sb.add_argument(
+        "--address", help="Ray dashboard address (default: RAY_ADDRESS, else 127.0.0.1:8265)"
+    )
+    sb.add_argument(
+        "--no-wait", action="store_true", help="print the job id and return once submitted"
+    )
     sb.set_defaults(fn=cmd_submit)
 
     rp = sub.add_parser(
