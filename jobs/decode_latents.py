@@ -1,31 +1,19 @@
 """Ray job entrypoint: `ray job submit --working-dir . -- python jobs/decode_latents.py JOB.yaml`.
 
-Thin: parse → config → pipeline.run. Exit code 0 when every sample is ok, 1 when some samples
-ended as error rows (see summary.json), 2 on a config error (nothing was started).
+The same as `pid-batch run JOB.yaml`: exit code 0 when every sample is ok, 1 when some samples
+ended as error rows (see summary.json), 2 on a config error (one line; nothing was started).
+`pid-batch submit` runs this file with the spec and the directory it packaged.
 """
 
 from __future__ import annotations
 
-import argparse
+import os
 import sys
 
-from pid_batch import pipeline
-from pid_batch.cli import _parse_set
-from pid_batch.job import JobConfigError, load_job
+sys.path.insert(0, os.getcwd())  # the packaged working directory (Ray adds it too)
 
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("job", help="job spec YAML")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    args = p.parse_args(argv)
-    try:
-        job = load_job(args.job, _parse_set(args.set))
-    except JobConfigError as e:
-        print(f"decode_latents: config error: {e}", file=sys.stderr)
-        return 2
-    return pipeline.run(job).exit_code
-
+from pid_batch.cli import entry  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.argv = [sys.argv[0], "run", *sys.argv[1:]]
+    entry()

@@ -112,7 +112,8 @@ class DecodeStage:
         self.first_call_at: float | None = None
         self.last_call_end: float | None = None
 
-    def __call__(self, batch: Batch) -> Batch:
+    def __call__(self, batch: Batch, fail: str | None = None) -> Batch:
+        """Decode the batch's pending rows; with `fail`, make them error rows with that reason."""
         n = len(batch["id"])
         started = time.time()
         self.first_call_at = self.first_call_at or started
@@ -127,7 +128,9 @@ class DecodeStage:
         queue_ms = np.maximum(0.0, (started - batch["read_done_at"].astype(np.float64)) * 1000)
         buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i in range(n):
-            if status[i] == "pending":
+            if status[i] == "pending" and fail:
+                status[i], error[i] = "error", fail
+            elif status[i] == "pending":
                 buckets[(int(batch["height"][i]), int(batch["width"][i]))].append(i)
         for idx in buckets.values():
             self._decode_bucket(batch, idx, status, error, images, decode_ms, text_ms, micro)

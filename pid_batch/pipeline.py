@@ -13,6 +13,8 @@ when they start. (reader's read tasks call ray.get on the scan's result, inside 
 
 from __future__ import annotations
 
+import _thread
+import logging
 import os
 import signal
 import sys
@@ -57,32 +59,93 @@ _FORWARDED_ENV = (
 # same on its nodes.
 LOCAL_RAY_ENV = {"RAY_idle_worker_killing_time_threshold_ms": "60000"}
 
-DECODE_TASK_RETRIES = 2
+# A decode batch whose actor process died this many times (segfault, OOM kill) is not decoded
+# again: its samples become error rows. Ray Data 2.60 retries such a batch forever
+# (max_task_retries=-1) and offers no named parameter to bound it (`**ray_remote_args` is
+# deprecated), so the run counts the starts itself (RunLedger).
+DECODE_ATTEMPTS = 3
 READ_CPUS = 0.5  # reads are IO and parsing
+# Without a terminal, one progress line every this many seconds (`ray job logs --follow`
+# shows each as it comes); in a terminal, Ray Data's own progress bars.
+PROGRESS_EVERY_S = float(os.environ.get("PID_BATCH_PROGRESS_S", "10"))
+WATCH_EVERY_S = 1.0  # how often the driver asks the ledger whether an actor failed to start
 
 
-class DecodeActor:
-    """Ray actor: a thin adapter around actors.DecodeStage (loads once, maps batches)."""
+class DecoderStartError(JobConfigError):
+    """A decode (or VAE) actor could not load its model: the actor's own error, in one line."""
 
-    def __init__(self, job: JobConfig):
-        from pid_batch.actors import DecodeStage  # torch: in actor processes only
 
-        self.stage = DecodeStage(job)
+class RunLedger:
+    """Ray actor owned by the driver: decode batch starts, and actors that failed to start."""
+
+    def __init__(self):
+        self.starts: dict[str, int] = defaultdict(int)
+        self.failure: str | None = None
+
+    def start(self, key: str) -> int:
+        self.starts[key] += 1
+        return self.starts[key]
+
+    def failed(self, message: str) -> None:
+        self.failure = self.failure or message
+
+    def failed_start(self) -> str | None:
+        return self.failure
+
+
+class _StageActor:
+    """A thin Ray adapter around an actors.*Stage. A constructor that raises does not kill the
+    actor (Ray would print pages of tracebacks and retry it): the error goes to the run's
+    ledger, the driver ends the run with it in one line, and this actor's calls wait till then."""
+
+    stage_name = ""
+
+    def __init__(self, job: JobConfig, ledger: Any = None):
+        from pid_batch import actors  # torch: in actor processes only
+
+        self.ledger, self.stage = ledger, None
+        try:
+            self.stage = getattr(actors, self.stage_name)(job)
+        except Exception as e:
+            if ledger is None:
+                raise
+            message = " ".join(f"{type(e).__name__}: {storage.redact(str(e))}".split())
+            ray.get(ledger.failed.remote(message[:2000]))
+
+    def _wait_if_broken(self) -> None:
+        while self.stage is None:  # the driver ends the run within WATCH_EVERY_S
+            time.sleep(60)
 
     def __call__(self, batch):
+        self._wait_if_broken()
         return self.stage(batch)
 
 
-class VaeActor:
-    """Ray actor: a thin adapter around actors.VaeStage (image encode, baseline decode)."""
+class DecodeActor(_StageActor):
+    """Ray actor: actors.DecodeStage (loads once, maps batches). A batch whose actor died
+    DECODE_ATTEMPTS times on it becomes error rows instead of a fourth try."""
 
-    def __init__(self, job: JobConfig):
-        from pid_batch.actors import VaeStage  # torch: in actor processes only
-
-        self.stage = VaeStage(job)
+    stage_name = "DecodeStage"
 
     def __call__(self, batch):
+        self._wait_if_broken()
+        if self.ledger is not None:
+            key = f"{batch['shard'][0]}[{int(batch['index'][0])}]+{len(batch['id'])}"
+            if ray.get(self.ledger.start.remote(key)) > DECODE_ATTEMPTS:
+                return self.stage(batch, fail=LOST_IN_DECODER)
         return self.stage(batch)
+
+
+class VaeActor(_StageActor):
+    """Ray actor: actors.VaeStage (image encode, baseline decode)."""
+
+    stage_name = "VaeStage"
+
+
+LOST_IN_DECODER = (
+    f"lost in the decoder: its process died {DECODE_ATTEMPTS} times on this sample's batch "
+    "(a crash or an out-of-memory kill); rerun to retry it"
+)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -121,6 +184,16 @@ class RunResult:
     wall_s: float = 0.0
     error_ids: list[str] = field(default_factory=list)
     reasons: dict[str, int] = field(default_factory=dict)  # this run's errors (20 reasons at most)
+    first_decode_at: float | None = None  # epoch s: the first decode call of this run began
+    last_row_at: float | None = None  # epoch s: the last row came back to the driver
+
+    def note_batch(self, decode_started_at: np.ndarray) -> None:
+        """A batch of rows came back: extend the decode window."""
+        started = decode_started_at[decode_started_at > 0]
+        if started.size:
+            first = float(started.min())
+            self.first_decode_at = min(self.first_decode_at or first, first)
+        self.last_row_at = time.time()
 
     @property
     def exit_code(self) -> int:
@@ -146,9 +219,13 @@ def check_output(job: JobConfig) -> None:
 
 
 def build_dataset(
-    job: JobConfig, todo: list[dict[str, Any]], dups: ray.ObjectRef | None = None
+    job: JobConfig,
+    todo: list[dict[str, Any]],
+    dups: ray.ObjectRef | None = None,
+    ledger: Any = None,
 ) -> ray.data.Dataset:
-    """The streaming graph over the shards still to do (dups: start_duplicate_scan's ref)."""
+    """The streaming graph over the shards still to do (dups: start_duplicate_scan's ref;
+    ledger: the run's RunLedger actor, None to let actors fail and retry as Ray does)."""
     res = job.resources
     ctx = ray.data.DataContext.get_current()
     # Let an autoscaling actor pool grow on small nodes (per-operator reservations otherwise
@@ -189,7 +266,7 @@ def build_dataset(
             compute=ray.data.ActorPoolStrategy(
                 min_size=1, max_size=res.max_actors, max_tasks_in_flight_per_actor=1
             ),
-            fn_constructor_kwargs={"job": job},
+            fn_constructor_kwargs={"job": job, "ledger": ledger},
             # The VAE is small next to PiD: it shares a GPU (and a CPU) with a decode actor.
             num_gpus=res.gpus_per_actor / 4 if res.gpus_per_actor else 0,
             num_cpus=res.cpus_per_actor / 4,
@@ -202,15 +279,12 @@ def build_dataset(
             max_size=res.max_actors,
             max_tasks_in_flight_per_actor=1 + res.prefetch_batches,
         ),
-        fn_constructor_kwargs={"job": job},
+        fn_constructor_kwargs={"job": job, "ledger": ledger},
         num_gpus=res.gpus_per_actor,
         num_cpus=res.cpus_per_actor,
         resources={f"accel_{res.accelerator}": 1} if res.accelerator else None,
-        # Ray Data's default max_task_retries=-1 retries a batch whose actor died forever, so
-        # one sample that kills the decoder (segfault, OOM kill) hangs the job. Actors still
-        # restart without limit (preemption, node loss); a batch gets 2 more tries, then the
-        # run fails with ActorUnavailableError. (No named parameter for it in Ray 2.60.)
-        max_task_retries=DECODE_TASK_RETRIES,
+        # Actors restart and their batches are retried without limit (Ray Data's defaults:
+        # preemption, node loss); DecodeActor itself gives up on a batch after DECODE_ATTEMPTS.
     )
     ds = ds.map_batches(
         writer.encode_write,
@@ -259,20 +333,24 @@ def start_duplicate_scan(shards: list[resume.Shard]) -> ray.ObjectRef | None:
 
 def preflight(job: JobConfig) -> None:
     """Weights exist, match their pin and fit the network: checked before Ray and run.json."""
+    m = job.model
+    if m.checkpoint is None and m.text_encoder is None and m.vae is None:
+        return  # random weights: nothing to check (and no torch import on the driver)
     from pid_batch.checkpoint import preflight as check_weights  # torch: the driver only
 
     check_weights(job)
 
 
-def ensure_ray(job: JobConfig, **init_kwargs: Any) -> None:
-    """Connect to the job's cluster (ray_address / RAY_ADDRESS) or start a private local Ray.
+def ensure_ray(job: JobConfig, **init_kwargs: Any) -> bool:
+    """Connect to the job's cluster (ray_address / RAY_ADDRESS) or start a private local Ray;
+    True when this call did (the caller disconnects), False when Ray was already initialised.
 
     Without an address Ray's own default attaches to any cluster a `ray start` left on the
     machine; "local" always starts a Ray of this job's own. `ray_address: auto` joins the
     machine's cluster on purpose.
     """
     if ray.is_initialized():
-        return
+        return False
     address = job.ray_address or os.environ.get("RAY_ADDRESS") or "local"
     if address == "local":
         for k, v in LOCAL_RAY_ENV.items():
@@ -288,140 +366,232 @@ def ensure_ray(job: JobConfig, **init_kwargs: Any) -> None:
     }
     kwargs.update(init_kwargs)
     ray.init(address=address, **kwargs)
+    return True
 
 
 def run(
     job: JobConfig,
     *,
     log: TextIO | None = sys.stderr,
+    out: TextIO | None = sys.stdout,
     force_takeover: bool = False,
+    started_at: float | None = None,
     **init_kwargs: Any,
 ) -> RunResult:
     """Run a decode job to completion; resumable: rerunning skips what is already done.
 
+    log: diagnostics and progress lines; out: the summary (None: quiet). started_at: when the
+    command began (time.time()), so that the wall time covers start-up too.
     One driver per output: the output's lease (pid_batch.lease) refuses a second one while the
     first lives; force_takeover takes it from a driver known to be gone.
     """
-    t0 = time.time()
+    t0 = time.time() if started_at is None else started_at
     preflight(job)  # the checkpoint and encoders, before Ray starts and anything is written
     plan = resume.plan_shards(job)  # reads only: refuses empty input, colliding or changed shards
     with lease.hold(job.output, force=force_takeover):
-        return _run(job, plan, t0, log, init_kwargs)
+        return _run(job, plan, t0, log, out, init_kwargs)
 
 
 def _run(
-    job: JobConfig, plan: resume.Plan, t0: float, log: TextIO | None, init_kwargs: dict
+    job: JobConfig,
+    plan: resume.Plan,
+    t0: float,
+    log: TextIO | None,
+    out: TextIO | None,
+    init_kwargs: dict,
 ) -> RunResult:
     check_output(job)
-    resume.supersede(job, plan.changed)
-    ensure_ray(job, **init_kwargs)
-    _catch_signals()
     result = RunResult(summary={}, shards_skipped=plan.skipped)
+    if not plan.todo:  # a rerun with nothing left: no Ray, no actors, nothing written
+        _say(log, f"nothing to do: all {plan.skipped} shards are done in {job.output}")
+        return _summarize(job, plan, result, t0, out, write=False)
+    resume.supersede(job, plan.changed)
+    _say(
+        log,
+        f"{len(plan.todo)} shards to decode ({plan.skipped} already done); "
+        "starting Ray and the decode actors",
+    )
+    started = ensure_ray(job, **init_kwargs)
+    _catch_signals()
     try:
         _decode(job, plan, result, log)
     except KeyboardInterrupt as e:  # Ctrl-C before our handler, or Interrupted
         raise Interrupted(getattr(e, "signum", signal.SIGINT), result.processed) from None
-    return _summarize(job, plan, result, t0, log)
+    if started:
+        ray.shutdown()  # inside the wall time: the command ends when its summary is printed
+    return _summarize(job, plan, result, t0, out)
+
+
+def _say(log: TextIO | None, message: str) -> None:
+    if log is not None:
+        print(f"[pid-batch] {message}", file=log, flush=True)
+
+
+def _terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty() and sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _decode(job: JobConfig, plan: resume.Plan, result: RunResult, log: TextIO | None) -> None:
     """Stream the dataset over the plan's todo shards; fills result's counts as rows return."""
     todo = plan.todo
-    if todo:
-        dups = start_duplicate_scan(plan.shards) if job.input_kind != "images" else None
-        ds = build_dataset(job, todo, dups)
-        progress = _Progress(log, shards=len(todo))
-        seen: dict[str, int] = defaultdict(int)
-        seen_ids: dict[str, set[str]] = defaultdict(set)  # shards still open only
-        finished: set[str] = set()
-        failed: dict[str, int] = defaultdict(int)
-        finish = ray.remote(num_cpus=0.5, max_retries=3)(writer.finish_shard)
-        fps = {item["key"]: item["fingerprint"] for item in todo}
-        finishing = []
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for sid, key, pending, status, error in zip(
-                batch["id"], batch["shard"], batch["shard_pending"], batch["status"], batch["error"]
-            ):
-                seen[key] += 1
-                seen_ids[key].add(str(sid))
-                result.processed += 1
-                if status != "ok":
-                    failed[key] += 1
-                    result.errors += 1
-                    result.error_ids.append(str(sid))
-                    reason = error_reason(error if isinstance(error, str) else None)
-                    if reason in result.reasons or len(result.reasons) < 20:
-                        result.reasons[reason] = result.reasons.get(reason, 0) + 1
-                if seen[key] == int(pending):
-                    result.shards_done += 1
-                    finished.add(key)
-                    seen_ids.pop(key, None)
-                    finishing.append(finish.remote(job, key, fps[key], not failed[key]))
-            progress.update(result)
-        # Batches that failed for good (e.g. a sample that kills the decoder on every retry)
-        # were skipped by Ray Data; their samples become error rows instead of vanishing.
-        for item in todo:
-            if item["key"] not in finished:
-                lost = resume.record_lost(job, item, seen_ids.get(item["key"], set()))
-                result.processed += len(lost)
-                result.errors += len(lost)
-                result.error_ids += lost
-                finishing.append(finish.remote(job, item["key"], item["fingerprint"], False))
-        ray.get(
-            finishing
-        )  # tar merges and done markers: off the driver, awaited before the summary
-        progress.close(result)
+    ledger = ray.remote(num_cpus=0)(RunLedger).remote()
+    dups = start_duplicate_scan(plan.shards) if job.input_kind != "images" else None
+    ds = build_dataset(job, todo, dups, ledger)
+    # Ray Data's progress bars in a terminal; elsewhere (a file, `ray job logs`) its fallback
+    # prints a 10-line block every 10 s, so pid-batch's own progress lines stand in for it.
+    bars = log is not None and _terminal(log)
+    ray.data.DataContext.get_current().enable_progress_bars = bars
+    if not bars:  # its notice that the bars are off is a warning of our own making
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    seen: dict[str, int] = defaultdict(int)
+    seen_ids: dict[str, set[str]] = defaultdict(set)  # shards still open only
+    finished: set[str] = set()
+    failed: dict[str, int] = defaultdict(int)
+    finish = ray.remote(num_cpus=0.5, max_retries=3)(writer.finish_shard)
+    fps = {item["key"]: item["fingerprint"] for item in todo}
+    finishing = []
+    with _Watch(ledger, result, len(todo), None if bars else log) as watch:
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                result.note_batch(batch["decode_started_at"])
+                for sid, key, pending, status, error in zip(
+                    batch["id"],
+                    batch["shard"],
+                    batch["shard_pending"],
+                    batch["status"],
+                    batch["error"],
+                ):
+                    seen[key] += 1
+                    watch.pending.setdefault(key, int(pending))
+                    seen_ids[key].add(str(sid))
+                    result.processed += 1
+                    if status != "ok":
+                        failed[key] += 1
+                        result.errors += 1
+                        result.error_ids.append(str(sid))
+                        reason = error_reason(error if isinstance(error, str) else None)
+                        if reason in result.reasons or len(result.reasons) < 20:
+                            result.reasons[reason] = result.reasons.get(reason, 0) + 1
+                    if seen[key] == int(pending):
+                        result.shards_done += 1
+                        finished.add(key)
+                        seen_ids.pop(key, None)
+                        finishing.append(finish.remote(job, key, fps[key], not failed[key]))
+        except KeyboardInterrupt:
+            if watch.failure is not None:  # the watcher stopped the run: an actor cannot start
+                raise DecoderStartError(
+                    f"a decode actor could not start: {watch.failure}"
+                ) from None
+            raise
+    # Batches that failed for good were skipped by Ray Data; their samples become error rows
+    # instead of vanishing.
+    for item in todo:
+        if item["key"] not in finished:
+            lost = resume.record_lost(job, item, seen_ids.get(item["key"], set()))
+            result.processed += len(lost)
+            result.errors += len(lost)
+            result.error_ids += lost
+            finishing.append(finish.remote(job, item["key"], item["fingerprint"], False))
+    ray.get(finishing)  # tar merges and done markers: off the driver, awaited before the summary
+    watch.line(final=True)
 
 
 def _summarize(
-    job: JobConfig, plan: resume.Plan, result: RunResult, t0: float, log: TextIO | None
+    job: JobConfig,
+    plan: resume.Plan,
+    result: RunResult,
+    t0: float,
+    out: TextIO | None,
+    write: bool = True,
 ) -> RunResult:
+    """Summary of the whole output plus this run's own numbers; summary.json unless `write`
+    is False (a rerun with nothing to do writes nothing)."""
     raw = read_timing_parts(job.output)
     table = latest_per_id(raw, current=plan.current)
     result.wall_s = time.time() - t0
+    this_run: dict[str, Any] = {
+        "processed": result.processed,
+        "errors": result.errors,
+        "shards_skipped": result.shards_skipped,
+        "shards_todo": len(plan.todo),
+        "nothing_to_do": not plan.todo,
+        "wall_s": round(result.wall_s, 3),
+        "shards_changed": len(plan.changed),
+        "errors_by_reason": result.reasons,
+    }
+    if result.first_decode_at is not None and result.last_row_at is not None:
+        this_run["startup_s"] = round(max(0.0, result.first_decode_at - t0), 3)
+        this_run["decode_window_s"] = round(result.last_row_at - result.first_decode_at, 3)
     result.summary = summarize(
-        table,
-        run={
-            **job.manifest(),
-            "this_run": {
-                "processed": result.processed,
-                "errors": result.errors,
-                "shards_skipped": result.shards_skipped,
-                "wall_s": round(result.wall_s, 3),
-                "shards_changed": len(plan.changed),
-                "errors_by_reason": result.reasons,
-            },
-        },
-        orphans=orphans(raw, plan.current),
+        table, run={**job.manifest(), "this_run": this_run}, orphans=orphans(raw, plan.current)
     )
-    try:
-        storage.write_json_atomic(storage.join(job.output, "summary.json"), result.summary)
-    except OSError as e:  # e.g. a full disk: the summary still reaches the user
-        result.summary["summary_not_written"] = storage.redact(str(e))
-    if log:
-        print(format_summary(result.summary), file=log)
+    if write:
+        try:
+            storage.write_json_atomic(storage.join(job.output, "summary.json"), result.summary)
+        except OSError as e:  # e.g. a full disk: the summary still reaches the user
+            result.summary["summary_not_written"] = storage.redact(str(e))
+    if out is not None:
+        print(format_summary(result.summary), file=out, flush=True)
     return result
 
 
-class _Progress:
-    """One live line: samples done, images/s, errors so far."""
+class _Watch:
+    """A driver thread for the length of the decode loop: ends the run (interrupting the main
+    thread) when the ledger reports an actor that cannot start, and writes a progress line
+    every PROGRESS_EVERY_S to `stream` (samples, shards, images/s, errors, ETA)."""
 
-    def __init__(self, stream: TextIO | None, shards: int):
-        self.stream, self.shards, self.t0, self.last = stream, shards, time.time(), 0.0
+    def __init__(self, ledger: Any, result: RunResult, shards: int, stream: TextIO | None):
+        self.ledger, self.result, self.shards, self.stream = ledger, result, shards, stream
+        self.pending: dict[str, int] = {}  # shard key → samples to do, as rows arrive
+        self.failure: str | None = None
+        self.t0 = time.time()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="pid-batch-watch", daemon=True)
 
-    def update(self, r: RunResult, force: bool = False) -> None:
-        now = time.time()
-        if self.stream is None or (now - self.last < 1.0 and not force):
+    def __enter__(self) -> _Watch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        next_line = self.t0 + PROGRESS_EVERY_S
+        while not self._stop.wait(WATCH_EVERY_S):
+            try:
+                failure = ray.get(self.ledger.failed_start.remote(), timeout=30)
+            except Exception:  # Ray going down under us: the main thread will say why
+                failure = None
+            if failure and not self._stop.is_set():
+                self.failure = failure
+                _thread.interrupt_main()
+                return
+            if time.time() >= next_line:
+                next_line += PROGRESS_EVERY_S
+                self.line()
+
+    def line(self, final: bool = False) -> None:
+        """One progress line (no-op without a stream)."""
+        if self.stream is None:
             return
-        self.last = now
-        rate = r.processed / max(1e-6, now - self.t0)
-        self.stream.write(
-            f"\r[pid-batch] {r.processed} samples, {r.shards_done}/{self.shards} shards, "
-            f"{rate:.2f}/s, {r.errors} errors"
-        )
-        self.stream.flush()
-
-    def close(self, r: RunResult) -> None:
-        self.update(r, force=True)
-        if self.stream is not None:
-            self.stream.write("\n")
+        r, now = self.result, time.time()
+        parts = [f"{r.processed} samples", f"{r.shards_done}/{self.shards} shards"]
+        if r.first_decode_at is None:
+            parts.append(f"start-up {now - self.t0:.0f} s (Ray, actors, model load)")
+        else:
+            rate = (r.processed - r.errors) / max(1e-6, now - r.first_decode_at)
+            parts.append(f"{rate:.2f} images/s")
+        parts.append(f"{r.errors} errors")
+        if not final and self.pending and r.first_decode_at is not None and r.processed:
+            mean = sum(self.pending.values()) / len(self.pending)
+            total = sum(self.pending.values()) + mean * (self.shards - len(self.pending))
+            done_rate = r.processed / max(1e-6, now - r.first_decode_at)
+            eta = max(0.0, total - r.processed) / done_rate
+            parts.append(f"ETA {eta:.0f} s")
+        if final:
+            parts.append(f"done in {now - self.t0:.1f} s")
+        print("[pid-batch] " + ", ".join(parts), file=self.stream, flush=True)

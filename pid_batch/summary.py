@@ -191,12 +191,34 @@ def summarize(
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    """A short human-readable rendering of a summary dict."""
+    """A short human-readable rendering of a summary dict: this run's wall time and throughput
+    first (when the summary comes from a run), then the output's totals and stage latencies."""
     lines = [f"samples {s['samples']}  ok {s['ok']}  error {s['error']}"]
+    this = s.get("run", {}).get("this_run", {})
+    if this.get("nothing_to_do"):
+        lines.append(
+            f"this run: nothing to do: all {this['shards_skipped']} shards were already done; "
+            f"nothing decoded or written ({this['wall_s']:.1f} s)"
+        )
+    elif this:
+        ok = this["processed"] - this["errors"]
+        wall = max(1e-3, this["wall_s"])
+        lines.append(
+            f"this run: {this['processed']} samples ({this['errors']} errors) from "
+            f"{this['shards_todo']} shards, {this['shards_skipped']} shards already done"
+        )
+        line = f"throughput {ok / wall:.2f} images/s over {wall:.1f} s wall"
+        if "decode_window_s" in this:
+            window = max(1e-3, this["decode_window_s"])
+            line += (
+                f" (start-up {this['startup_s']:.1f} s before the first decode; "
+                f"{ok / window:.2f} images/s over the {window:.1f} s decode window)"
+            )
+        lines.append(line)
     if "images_per_s" in s:
         lines.append(
-            f"throughput {s['images_per_s']:.2f} images/s over {s['wall_s']:.1f} s, "
-            f"{s['output_bytes'] / 1e6:.1f} MB written"
+            f"output: {s['output_bytes'] / 1e6:.1f} MB of images; all runs' decode span "
+            f"{s['wall_s']:.1f} s ({s['images_per_s']:.2f} images/s, first decode to last write)"
         )
         for stage, p in s.get("stages_ms", {}).items():
             if p:
@@ -205,9 +227,8 @@ def format_summary(s: dict[str, Any]) -> str:
                 )
     for reason, count in s.get("errors_by_reason", {}).items():
         lines.append(f"  error x{count}: {reason}")
-    this = s.get("run", {}).get("this_run", {})
     if this.get("errors"):
-        lines.append(f"this run: {this['processed']} samples, {this['errors']} errors")
+        lines.append(f"this run's errors ({this['errors']}):")
         for reason, count in this.get("errors_by_reason", {}).items():
             lines.append(f"  error x{count}: {reason}")
     if note := s.get("summary_not_written"):

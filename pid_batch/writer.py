@@ -123,6 +123,9 @@ def encode_write(batch: Batch, job: JobConfig) -> Batch:
         "status": np.asarray(status, dtype=object),
         "error": objects(error),
         "decode_ms": np.asarray(batch.get("decode_ms", np.zeros(n)), dtype=np.float32),
+        "decode_started_at": np.asarray(
+            batch.get("decode_started_at", np.zeros(n)), dtype=np.float64
+        ),
     }
 
 

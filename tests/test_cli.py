@@ -160,25 +160,22 @@ def test_every_subcommand_has_help():
         assert r.returncode == 0 and "usage: pid-batch" in r.stdout
 
 
-def test_submit_validates_then_calls_ray_job_submit(tmp_path, monkeypatch):
-    """`submit` checks the spec locally, then hands this checkout to `ray job submit`."""
-    log = tmp_path / "ray-args.txt"
-    fake = tmp_path / "bin" / "ray"
-    fake.parent.mkdir()
-    fake.write_text(f'#!/bin/sh\necho "$@" > {log}\n')
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
-    spec = REPO / "jobs" / "examples" / "decode_latents.yaml"
-    assert main(["submit", str(spec), "--set", "model.compile=false", "--no-wait"]) == 0
-    args = log.read_text().split()
-    assert args[:4] == ["job", "submit", "--working-dir", str(REPO)]
-    assert args[args.index("--") + 1 :] == [
-        "python",
-        "jobs/decode_latents.py",
-        "jobs/examples/decode_latents.yaml",
-        "--set",
-        "model.compile=false",
-    ]
-    log.unlink()
-    assert main(["submit", str(spec), "--set", "model.backbone=nope"]) == 2
-    assert not log.exists()  # a bad spec never reaches the cluster
+def test_submit_packages_the_working_directory(tmp_path, monkeypatch):
+    """`submit` packages the user's folder (pid_batch travels as a py_module) and refuses a spec
+    that lies outside it; the run itself is tested on a real cluster in test_submit_cluster."""
+    from pid_batch import submit
+
+    assert submit.runtime_env(tmp_path) == {
+        "working_dir": str(tmp_path),
+        "py_modules": [str(REPO / "pid_batch")],
+    }
+    assert submit.runtime_env(REPO) == {"working_dir": str(REPO)}  # a checkout brings its own
+    assert submit.entrypoint("jobs/a b.yaml", ["model.compile=false"]) == (
+        "python -m pid_batch.cli run 'jobs/a b.yaml' --set model.compile=false"
+    )
+    spec = tmp_path / "elsewhere" / "job.yaml"
+    spec.parent.mkdir()
+    spec.write_text(yaml.safe_dump({"input": "in", "output": "out", "model": {"preset": "tiny"}}))
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    assert main(["submit", str(spec), "--address", "http://127.0.0.1:9"]) == 2
