@@ -46,6 +46,7 @@ def test_full_preset_without_text_encoder_uses_null_text(gp, tmp_path):
     assert job.resources.gpus_per_actor == 1.0 and job.model.text_encoder is None
 
 
+@pytest.mark.slow
 def test_without_cuda_the_full_run_refuses(tmp_path):
     out = tmp_path / "r.json"
     r = subprocess.run([sys.executable, str(SCRIPT), "--json", str(out)], capture_output=True,
@@ -54,6 +55,7 @@ def test_without_cuda_the_full_run_refuses(tmp_path):
     assert "--smoke" in r.stderr and not out.exists()
 
 
+@pytest.mark.slow
 def test_smoke_end_to_end(tmp_path):
     out = tmp_path / "smoke.json"
     r = subprocess.run(

@@ -79,6 +79,7 @@ def test_demo_images_are_recognisable_upscales_of_held_out_photos(demo_out):
         assert psnr(out, truth) > max(others) + 3, name
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(450)
 def test_summary_report_inspect_on_demo_output(demo_out):
     decoded = str(demo_out / "decoded")

@@ -96,6 +96,7 @@ def test_auto_micro_batch_follows_free_memory(monkeypatch):
     assert dec.auto_micro_batch(torch.device("cpu"), 2048, 2048, weights) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_compile_once_per_bucket():
     d = make_decoder(compile=True, micro_batch=2)

@@ -130,6 +130,7 @@ def test_report_without_timing_and_with_a_broken_image(tmp_path):
     assert "No errors." in page
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     CHROMIUM is None, reason="chromium binary not installed (apt-get install chromium)"
 )

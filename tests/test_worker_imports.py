@@ -75,6 +75,7 @@ def _write_shard(root: str, n: int) -> list[str]:
     return ids
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_graph_tasks_come_from_torch_free_modules(fresh_ray, tmp_path, monkeypatch):
     """build_dataset hands Ray functions of torch-free modules; actors import torch lazily."""
@@ -97,6 +98,7 @@ def test_graph_tasks_come_from_torch_free_modules(fresh_ray, tmp_path, monkeypat
     assert actors == {"pid_batch.pipeline"}, actors
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_read_and_write_run_in_a_ray_task_without_torch(fresh_ray, tmp_path):
     """read_shard → (stand-in decode) → encode_write in one Ray Data task: torch never loads."""
