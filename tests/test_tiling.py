@@ -114,6 +114,24 @@ def test_plans_for_real_sizes():
     assert (r.count, r.tile_h, r.overlap) == (9, 1024, 256)
 
 
+def test_auto_tiles_what_does_not_fit_memory(monkeypatch):
+    """A trained 4096×2816 bucket on a 24 GB card: tiles of a size that fits, not an OOM."""
+    from pid_batch.decoder import fits_memory
+
+    cuda, weights = torch.device("cuda"), int(2.8 * 2**30)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (24 * 2**30, 24 * 2**30))
+    assert fits_memory(cuda, 2048, 2048, weights) and not fits_memory(cuda, 2816, 4096, weights)
+
+    def fits(h, w):
+        return fits_memory(cuda, h, w, weights)
+
+    assert full_plan(SDXL, 2816, 4096) is None  # memory to spare: a trained size, decoded whole
+    p = full_plan(SDXL, 2816, 4096, fits_memory=fits)
+    assert p is not None and fits(p.tile_h, p.tile_w) and (p.tile_h, p.tile_w) in SDXL.trained_sizes
+    assert full_plan(SDXL, 2816, 4096, mode="never", fits_memory=fits) is None
+    assert fits_memory(torch.device("cpu"), 8192, 8192, weights)
+
+
 def test_weights_are_a_partition_of_one():
     plan = tiles.TilePlan(256, 320, 160, 128, 64, (0, 96), (0, 96, 192))
     w = TiledNet(None, plan, 32, chunk=4)._tile_weights(torch.device("cpu"))
@@ -236,3 +254,18 @@ def test_tiling_options_are_checked_before_work(sampling, match):
         job_from_dict({**spec, "sampling": sampling})
     ok = job_from_dict({**spec, "sampling": {"tiling": "always", "tile_size": "256x192"}})
     assert ok.sampling.tile_hw == (192, 256)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_tiled_compile_is_one_bucket_per_tile_size():
+    """6 tiles, 4 per call: the last call is padded, so one compiled shape serves both."""
+    kw = dict(tiling="always", tile_size=(128, 128), tile_overlap=64, micro_batch=4)
+    lat = [np.random.default_rng(4).standard_normal((16, 6, 8)).astype(np.float32)]  # 192×256
+    d = make_decoder(compile=True, **kw)
+    out = d.decode(lat, sigmas=[0.0], seeds=[1])
+    assert out.tiles.count == 6 and out.compile_ms > 0 and list(d._compiled) == [(128, 128, 4)]
+    again = d.decode(lat, sigmas=[0.0], seeds=[1])
+    assert again.compile_ms == 0 and len(d._compiled) == 1
+    eager = make_decoder(**kw).decode(lat, sigmas=[0.0], seeds=[1])
+    assert np.abs(out.images.astype(int) - eager.images.astype(int)).max() <= 2
