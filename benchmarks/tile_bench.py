@@ -41,9 +41,11 @@ def main() -> None:
     spec = resolve_checkpoint(args.backbone, args.ckpt_type)
     height, width = parse_size(args.size, "--size")
     cell = spec.latent_cell
-    lat = np.random.default_rng(0).standard_normal(
-        (spec.latent_channels, height // cell, width // cell)
-    ).astype(np.float32)
+    lat = (
+        np.random.default_rng(0)
+        .standard_normal((spec.latent_channels, height // cell, width // cell))
+        .astype(np.float32)
+    )
     res = {}
     for mode in ("never", "always"):
         d = Decoder(

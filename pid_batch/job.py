@@ -143,7 +143,9 @@ class SamplingConfig:
         if self.tiling not in TILING_MODES:
             raise JobConfigError(f"sampling.tiling={self.tiling!r}; valid: {TILING_MODES}")
         overlap = self.tile_overlap
-        if overlap is not None and (not isinstance(overlap, int) or isinstance(overlap, bool) or overlap < 0):
+        if overlap is not None and (
+            not isinstance(overlap, int) or isinstance(overlap, bool) or overlap < 0
+        ):
             raise JobConfigError(f"sampling.tile_overlap={overlap!r} must be an int >= 0 (px)")
         if self.tile_size is not None:
             try:
@@ -284,7 +286,9 @@ class JobConfig:
         cell = self.model.spec.latent_cell  # output px per latent cell
         target = self.images.target_long_side
         if target is not None and self.input_kind != "images":
-            raise JobConfigError("images.target_long_side applies to image inputs (input_kind: images)")
+            raise JobConfigError(
+                "images.target_long_side applies to image inputs (input_kind: images)"
+            )
         if target is not None and target % cell:
             raise JobConfigError(
                 f"images.target_long_side={target} must be a multiple of {cell} px for "

@@ -111,8 +111,13 @@ def check_batch(
     if len(shapes) != 1:
         raise ValueError(f"decode() needs latents of one shape (bucket them); got {shapes}")
     height, width = validate_latent_shape(
-        spec, cfg, next(iter(shapes)), ids[0], preset == "full",
-        tiling=tiling, max_output_megapixels=max_output_megapixels,
+        spec,
+        cfg,
+        next(iter(shapes)),
+        ids[0],
+        preset == "full",
+        tiling=tiling,
+        max_output_megapixels=max_output_megapixels,
     )
     return ids, height, width
 

@@ -49,7 +49,9 @@ class TiledNet:
             raise ValueError(f"chunk={chunk} must be >= 1")
         for y, x in plan.boxes:
             if y % cell or x % cell or plan.tile_h % cell or plan.tile_w % cell:
-                raise ValueError(f"tile ({y}, {x}) {plan.tile_w}x{plan.tile_h} is off the {cell}-px latent grid")
+                raise ValueError(
+                    f"tile ({y}, {x}) {plan.tile_w}x{plan.tile_h} is off the {cell}-px latent grid"
+                )
         self.net, self.plan, self.cell, self.chunk, self.pad = net, plan, cell, chunk, pad
         self._weights: Tensor | None = None  # [n, th, tw] on the decode's device
 
@@ -82,7 +84,10 @@ class TiledNet:
         """[B, C, H/scale, W/scale] → tiles [B*n, C, th/scale, tw/scale]."""
         p = self.plan
         th, tw = p.tile_h // scale, p.tile_w // scale
-        tiles = [images[:, :, y // scale : y // scale + th, x // scale : x // scale + tw] for y, x in p.boxes]
+        tiles = [
+            images[:, :, y // scale : y // scale + th, x // scale : x // scale + tw]
+            for y, x in p.boxes
+        ]
         return torch.stack(tiles, 1).flatten(0, 1)
 
     def condition(self, caption_embs: Tensor, lq_latent: Tensor, H: int, W: int) -> list:

@@ -154,7 +154,9 @@ def resize_long_side(img: np.ndarray, long_side: int) -> np.ndarray:
     if max(h, w) == long_side:
         return img
     scale = long_side / max(h, w)
-    size = (long_side, max(1, round(h * scale))) if w >= h else (max(1, round(w * scale)), long_side)
+    size = (
+        (long_side, max(1, round(h * scale))) if w >= h else (max(1, round(w * scale)), long_side)
+    )
     return np.asarray(Image.fromarray(img).resize(size, Image.Resampling.LANCZOS))
 
 

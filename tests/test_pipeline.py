@@ -265,7 +265,12 @@ def test_image_inputs_target_long_side_lands_exactly(local_ray, tmp_path, tiny_f
     rows = read_timing(out).to_pylist()
     assert sorted(r["id"] for r in rows) == sorted(ids)
     for r in rows:
-        assert (r["resize"], r["crop"], r["width"], r["height"]) == ("160x121", "0,0,160,120", 640, 480)
+        assert (r["resize"], r["crop"], r["width"], r["height"]) == (
+            "160x121",
+            "0,0,160,120",
+            640,
+            480,
+        )
         assert r["tiles"] > 1 and r["tile_overlap"] == 128
         assert r["tile_width"] < 640 or r["tile_height"] < 480
     from PIL import Image
@@ -276,7 +281,9 @@ def test_image_inputs_target_long_side_lands_exactly(local_ray, tmp_path, tiny_f
 
 
 def test_target_long_side_is_checked_before_work():
-    base = dict(input="in", output="out", model=ModelConfig(backbone="flux", preset="tiny", vae="v"))
+    base = dict(
+        input="in", output="out", model=ModelConfig(backbone="flux", preset="tiny", vae="v")
+    )
     with pytest.raises(JobConfigError, match=r"multiple of 32 px.*e.g. 608 or 640"):
         JobConfig(**base, input_kind="images", images=OutputConfig(target_long_side=620))
     with pytest.raises(JobConfigError, match="image inputs"):

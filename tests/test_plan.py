@@ -109,7 +109,9 @@ def test_tiled_sizes_cost_every_tile_overlaps_included():
         t["tiles"] * t["tile_width"] * t["tile_height"] / (3328 * 4864), abs=1e-3
     )
     assert t["pixel_factor"] > 1  # the overlaps are decoded twice
-    assert t["flops_vs_whole"] == pytest.approx(tiled / sum(decode_flops(cfg, 4864, 3328)), abs=1e-3)
+    assert t["flops_vs_whole"] == pytest.approx(
+        tiled / sum(decode_flops(cfg, 4864, 3328)), abs=1e-3
+    )
     whole = plan(1000, 3328, 4864, "sdxl", {"gb200": 1}, tiling="never")
     assert whole["tiling"] is None
     assert p["wall_s"] / whole["wall_s"] == pytest.approx(t["flops_vs_whole"], rel=1e-2)
