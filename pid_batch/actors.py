@@ -39,6 +39,7 @@ class VaeStage:
         import torch
 
         from pid_batch.backbones import tensors as lat
+        from pid_batch.backbones.vae import resize_long_side
 
         n = len(batch["id"])
         out = {k: v for k, v in batch.items() if k not in ("pixels", "pshape")}
@@ -48,11 +49,17 @@ class VaeStage:
         height, width = list(batch["height"]), list(batch["width"])
         crop, vae_ms = [cell_str(v) for v in batch["crop"]], [0.0] * n
         baseline, baseline_ms = [b""] * n, [0.0] * n
+        resize = [""] * n  # "WxH" an image was resized to before encoding ("": not resized)
         for i in range(n):
             sid = str(batch["id"][i])
             if status[i] == "encode":
                 try:
                     img = np.frombuffer(batch["pixels"][i], np.uint8).reshape(batch["pshape"][i])
+                    if self.job.images.target_long_side:  # PiD's output lands on the target
+                        img = resize_long_side(
+                            img, self.job.images.target_long_side // self.spec.sr_scale
+                        )
+                        resize[i] = f"{img.shape[1]}x{img.shape[0]}"
                     ((z, box),) = self.codec.encode([img])
                     vae_ms[i] = self.codec.last_encode_ms
                     sigma = float(batch["sigma"][i])
@@ -61,7 +68,13 @@ class VaeStage:
                         z = lat.noise_latent(z, sigma, self.spec.backbone, generator=g)
                     z = np.ascontiguousarray(z.numpy(), dtype=np.float32)
                     h, w = validate_latent_shape(
-                        self.spec, self.cfg, z.shape, sid, self.job.model.preset == "full"
+                        self.spec,
+                        self.cfg,
+                        z.shape,
+                        sid,
+                        self.job.model.preset == "full",
+                        tiling=self.job.sampling.tiling,
+                        max_output_megapixels=self.job.sampling.max_output_megapixels,
                     )
                 except Exception as e:
                     status[i], error[i] = (
@@ -86,6 +99,7 @@ class VaeStage:
             height=np.asarray(height, dtype=np.int64),
             width=np.asarray(width, dtype=np.int64),
             crop=objects(crop),
+            resize=np.asarray(resize, dtype=object),
             vae_encode_ms=np.asarray(vae_ms, dtype=np.float32),
             baseline=objects(baseline),
             baseline_ms=np.asarray(baseline_ms, dtype=np.float32),
@@ -102,7 +116,13 @@ class DecodeStage:
         if job.model.fake_latency_ms is not None:
             from pid_batch.fake import SleepDecoder
 
-            self.decoder = SleepDecoder(job.model.spec, job.model.preset, job.model.fake_latency_ms)
+            self.decoder = SleepDecoder(
+                job.model.spec,
+                job.model.preset,
+                job.model.fake_latency_ms,
+                tiling=job.sampling.tiling,
+                max_output_megapixels=job.sampling.max_output_megapixels,
+            )
         else:
             self.decoder = _real_decoder(job)
         self.startup_s = time.perf_counter() - t0
@@ -125,6 +145,7 @@ class DecodeStage:
         decode_ms = np.zeros(n, np.float32)
         text_ms = np.zeros(n, np.float32)
         micro = np.zeros(n, np.int32)
+        tiles = np.zeros((n, 4), np.int32)  # tile height, width, overlap, count (0: whole)
         queue_ms = np.maximum(0.0, (started - batch["read_done_at"].astype(np.float64)) * 1000)
         buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i in range(n):
@@ -133,7 +154,7 @@ class DecodeStage:
             elif status[i] == "pending":
                 buckets[(int(batch["height"][i]), int(batch["width"][i]))].append(i)
         for idx in buckets.values():
-            self._decode_bucket(batch, idx, status, error, images, decode_ms, text_ms, micro)
+            self._decode_bucket(batch, idx, status, error, images, decode_ms, text_ms, micro, tiles)
         self.last_call_end = time.time()
         out.update(
             status=status,
@@ -142,6 +163,10 @@ class DecodeStage:
             decode_ms=decode_ms,
             text_ms=text_ms,
             micro_batch=micro,
+            tile_height=tiles[:, 0],
+            tile_width=tiles[:, 1],
+            tile_overlap=tiles[:, 2],
+            tiles=tiles[:, 3],
             queue_ms=queue_ms.astype(np.float32),
             decode_started_at=np.full(n, started),
             node=np.full(n, self.node, dtype=object),
@@ -150,7 +175,7 @@ class DecodeStage:
         )
         return out
 
-    def _decode_bucket(self, batch, idx, status, error, images, decode_ms, text_ms, micro):
+    def _decode_bucket(self, batch, idx, status, error, images, decode_ms, text_ms, micro, tiles):
         lat = [
             np.frombuffer(batch["latent"][i], np.float32).reshape(batch["shape"][i]) for i in idx
         ]
@@ -167,7 +192,7 @@ class DecodeStage:
             # Isolate the sample that broke the batch: decode each alone, fail only that one.
             for j, i in enumerate(idx):
                 self._decode_bucket_one(
-                    batch, i, lat[j], status, error, images, decode_ms, text_ms, micro
+                    batch, i, lat[j], status, error, images, decode_ms, text_ms, micro, tiles
                 )
             return
         finally:
@@ -177,9 +202,12 @@ class DecodeStage:
             decode_ms[i] = res.decode_ms[j]
             text_ms[i] = res.text_ms[j]
             micro[i] = res.micro_batch
+            tiles[i] = _tile_cells(res.tiles)
             status[i] = "ok"
 
-    def _decode_bucket_one(self, batch, i, lat, status, error, images, decode_ms, text_ms, micro):
+    def _decode_bucket_one(
+        self, batch, i, lat, status, error, images, decode_ms, text_ms, micro, tiles
+    ):
         try:
             res = self.decoder.decode(
                 [lat],
@@ -196,7 +224,13 @@ class DecodeStage:
         decode_ms[i] = res.decode_ms[0]
         text_ms[i] = res.text_ms[0]
         micro[i] = 1
+        tiles[i] = _tile_cells(res.tiles)
         status[i] = "ok"
+
+
+def _tile_cells(plan) -> tuple[int, int, int, int]:
+    """(tile height, width, overlap, count) of a decode's TilePlan; zeros when decoded whole."""
+    return (0, 0, 0, 0) if plan is None else (plan.tile_h, plan.tile_w, plan.overlap, plan.count)
 
 
 def _real_decoder(job: JobConfig):
@@ -223,6 +257,10 @@ def _real_decoder(job: JobConfig):
         compile=job.model.compile,
         compile_mode=job.model.compile_mode,
         micro_batch=job.resources.micro_batch,
+        tiling=job.sampling.tiling,
+        tile_overlap=job.sampling.tile_overlap,
+        tile_size=job.sampling.tile_hw,
+        max_output_megapixels=job.sampling.max_output_megapixels,
     )
     decoder.text_encoder = _text_encoder(job, decoder)
     return decoder

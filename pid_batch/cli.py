@@ -115,6 +115,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         nodes=_pairs(args.nodes),
         image_format=args.format,
         steps=args.steps,
+        tiling=args.tiling,
     )
     print(json.dumps(d, indent=2) if args.json else plan.format_plan(d))
     return 0
@@ -219,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--table", help="latency table JSON, or a summary.json from your own run")
     pl.add_argument("--format", default="jpeg", choices=("jpeg", "png", "webp"))
     pl.add_argument("--steps", type=int, default=4)
+    pl.add_argument(
+        "--tiling",
+        default="auto",
+        choices=("auto", "always", "never"),
+        help="as the job's sampling.tiling (default auto: tiles when the size fits no trained size)",
+    )
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(fn=cmd_plan)
     return p

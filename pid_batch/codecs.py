@@ -662,6 +662,14 @@ TIMING_SCHEMA = pa.schema(
         pa.field("finished_at", _TS),
         pa.field("output", pa.string()),  # object key or tar member
         pa.field("crop", pa.string()),  # for image inputs: the crop that was taken
+        # image inputs with images.target_long_side: "WxH" the image was resized to before the
+        # crop (the crop's coordinates are in the resized image); null: not resized
+        pa.field("resize", pa.string()),
+        # tiled decodes: tile size, minimum overlap (px) and tile count; null: decoded whole
+        pa.field("tile_height", pa.int32()),
+        pa.field("tile_width", pa.int32()),
+        pa.field("tile_overlap", pa.int32()),
+        pa.field("tiles", pa.int32()),
         pa.field("vae_encode_ms", _MS),  # image inputs: VAE encode share
         pa.field("baseline_ms", _MS),  # native VAE decode of the same latent
         pa.field("baseline_bytes", pa.int64()),

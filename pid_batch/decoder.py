@@ -15,6 +15,7 @@ import torch
 from pid_batch.backbones import CheckpointSpec
 from pid_batch.checkpoint import load_net
 from pid_batch.model import PidNet
+from pid_batch.model.flops import count_decode_flops
 from pid_batch.sample_checks import (  # torch-free: read workers use them without torch
     DecodeOutput,
     SampleError,
@@ -29,6 +30,8 @@ from pid_batch.sampling import (
     student_t_list,
     to_uint8,
 )
+from pid_batch.tiled import TiledNet
+from pid_batch.tiles import DEFAULT_MAX_OUTPUT_MEGAPIXELS, TILING_MODES, TilePlan, choose_tiling
 
 # Paper anchor (PiD, RTX 5090): 13 GB peak at a 2048² output with batch 1, of which ~2.8 GB are
 # bf16 weights; the rest scales with the number of output pixels.
@@ -52,14 +55,26 @@ def accelerator_name(device: torch.device) -> str:
     return "cpu"
 
 
+def _memory_budget(device: torch.device, weight_bytes: int) -> float:
+    """Bytes left for activations on a CUDA device (free memory less headroom and weights)."""
+    free, _total = torch.cuda.mem_get_info(device)
+    return free * _MEMORY_HEADROOM - weight_bytes
+
+
 def auto_micro_batch(device: torch.device, height: int, width: int, weight_bytes: int) -> int:
     """Largest batch expected to fit the accelerator at this output size (1 on CPU)."""
     if device.type != "cuda":
         return 1
-    free, _total = torch.cuda.mem_get_info(device)
-    budget = free * _MEMORY_HEADROOM - weight_bytes
     per_image = _ACTIVATION_BYTES_PER_PIXEL * height * width
+    budget = _memory_budget(device, weight_bytes)
     return int(max(1, min(_MAX_AUTO_MICRO_BATCH, budget // per_image)))
+
+
+def fits_memory(device: torch.device, height: int, width: int, weight_bytes: int) -> bool:
+    """Whether one image of this size is expected to fit the accelerator (always on CPU)."""
+    if device.type != "cuda":
+        return True
+    return _ACTIVATION_BYTES_PER_PIXEL * height * width <= _memory_budget(device, weight_bytes)
 
 
 class Decoder:
@@ -80,7 +95,13 @@ class Decoder:
         compile_mode: str | None = None,
         micro_batch: int = 0,
         init_seed: int = 0,
+        tiling: str = "auto",
+        tile_overlap: int | None = None,
+        tile_size: tuple[int, int] | None = None,
+        max_output_megapixels: float = DEFAULT_MAX_OUTPUT_MEGAPIXELS,
     ):
+        if tiling not in TILING_MODES:
+            raise ValueError(f"tiling={tiling!r}; valid: {TILING_MODES}")
         self.spec = spec
         self.preset = preset
         self.cfg = net_config_for(spec, preset)
@@ -88,6 +109,13 @@ class Decoder:
         self.steps = steps or spec.steps
         self.t_list = student_t_list(spec.t_list, self.steps)
         self.micro_batch = micro_batch
+        # Tiling (pid_batch.tiles): mode, minimum overlap (None: the preset's default), an
+        # explicit tile size (H, W) instead of the trained sizes, and the output-pixel ceiling.
+        self.tiling = tiling
+        self.tile_overlap = tile_overlap
+        self.tile_size = tile_size
+        self.max_output_megapixels = max_output_megapixels
+        self._tile_plans: dict[tuple[int, int], TilePlan | None] = {}
         # `auto`: on CUDA bf16 weights under bf16 autocast (the released file is bf16; norms and
         # RoPE still run in fp32), fp32 on CPU. `float32`: fp32 weights, no autocast (reference).
         self.autocast_dtype = None
@@ -136,6 +164,23 @@ class Decoder:
             return self.micro_batch
         return auto_micro_batch(self.device, height, width, self.weight_bytes)
 
+    def tile_plan(self, height: int, width: int) -> TilePlan | None:
+        """The tiles an output of this size is decoded in; None: decoded whole (cached per size)."""
+        key = (height, width)
+        if key not in self._tile_plans:
+            self._tile_plans[key] = choose_tiling(
+                self.spec,
+                self.preset,
+                height,
+                width,
+                self.tiling,
+                cost=lambda h, w: count_decode_flops(self.cfg, h, w, self.steps).total,
+                overlap=self.tile_overlap,
+                tile_size=self.tile_size,
+                fits_memory=lambda h, w: fits_memory(self.device, h, w, self.weight_bytes),
+            )
+        return self._tile_plans[key]
+
     @torch.inference_mode()
     def decode(
         self,
@@ -149,8 +194,17 @@ class Decoder:
         """Decode same-shape PiD latents [C, h, w] to images; one noise stream per seed."""
         n = len(latents)
         ids, height, width = check_batch(
-            self.spec, self.cfg, self.preset, latents, sigmas, seeds, ids
+            self.spec,
+            self.cfg,
+            self.preset,
+            latents,
+            sigmas,
+            seeds,
+            ids,
+            tiling=self.tiling,
+            max_output_megapixels=self.max_output_megapixels,
         )
+        tiles = self.tile_plan(height, width)
 
         t0 = time.perf_counter()
         if caption_embs is None:
@@ -161,7 +215,11 @@ class Decoder:
             )
         text_ms = (time.perf_counter() - t0) * 1000 / n
 
-        micro = self.micro_batch_for(height, width)
+        if tiles is None:
+            micro = chunk = self.micro_batch_for(height, width)
+        else:  # `chunk` tiles per network call; whole samples per micro-batch
+            chunk = self.micro_batch_for(tiles.tile_h, tiles.tile_w)
+            micro = max(1, chunk // tiles.count)
         images = np.empty((n, height, width, 3), np.uint8)
         decode_ms = [0.0] * n
         compile_ms = 0.0
@@ -176,12 +234,14 @@ class Decoder:
                 height,
                 width,
                 micro,
+                tiles,
+                chunk,
             )
             images[start:stop] = out
             compile_ms += c_ms
             per = ((time.perf_counter() - t1) * 1000 - c_ms) / (stop - start)
             decode_ms[start:stop] = [per] * (stop - start)
-        return DecodeOutput(images, [text_ms] * n, decode_ms, compile_ms, micro)
+        return DecodeOutput(images, [text_ms] * n, decode_ms, compile_ms, micro, tiles)
 
     # -- internals ------------------------------------------------------------------------
 
@@ -195,14 +255,15 @@ class Decoder:
             self._compiled[key] = CompiledNet(self.net, fullgraph=True, mode=self.compile_mode)
         return self._compiled[key], fresh
 
-    def _decode_micro(self, latents, sigmas, seeds, embs, height, width, micro):
+    def _decode_micro(self, latents, sigmas, seeds, embs, height, width, micro, tiles, chunk):
         b = len(latents)
         lq = torch.stack([torch.as_tensor(np.asarray(x, np.float32)) for x in latents])
         lq = lq.to(self.device)  # [b, C, h, w]
         sigma = torch.tensor(list(sigmas), dtype=torch.float32, device=self.device)  # [b]
         embs = embs.to(self.device, torch.float32)  # [b, Lt, txt_dim]
         seeds = list(seeds)
-        pad = micro - b if self.compile and b < micro else 0
+        # Whole images: pad the samples; tiles: TiledNet pads its last chunk of tiles instead.
+        pad = micro - b if self.compile and b < micro and tiles is None else 0
         if pad:  # keep one compiled shape per bucket: pad the last micro-batch, drop the extra
             lq = torch.cat([lq, lq[-1:].expand(pad, *lq.shape[1:])])
             sigma = torch.cat([sigma, sigma[-1:].expand(pad)])
@@ -210,7 +271,11 @@ class Decoder:
             seeds = seeds + [seeds[-1]] * pad
         gens = per_sample_generators(seeds, self.device)
         noise = initial_noise(gens, (3, height, width), self.device)  # [b, 3, H, W]
-        net, fresh = self._net_for(height, width, len(seeds))
+        if tiles is None:
+            net, fresh = self._net_for(height, width, len(seeds))
+        else:  # one compiled bucket per (tile size, chunk), shared by every tiled output size
+            inner, fresh = self._net_for(tiles.tile_h, tiles.tile_w, chunk)
+            net = TiledNet(inner, tiles, self.spec.latent_cell, chunk, pad=self.compile)
         t0 = time.perf_counter()
         with torch.autocast(
             self.device.type,
@@ -249,6 +314,7 @@ __all__ = [
     "SampleError",
     "accelerator_name",
     "auto_micro_batch",
+    "fits_memory",
     "net_config_for",
     "pick_device",
     "validate_latent_shape",

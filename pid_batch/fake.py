@@ -19,6 +19,7 @@ import numpy as np
 from pid_batch.backbones import CheckpointSpec
 from pid_batch.config import PAPER_GB200_MS_PER_2048
 from pid_batch.sample_checks import DecodeOutput, check_batch, net_config_for
+from pid_batch.tiles import DEFAULT_MAX_OUTPUT_MEGAPIXELS
 
 DEFAULT_LATENCY_MS = PAPER_GB200_MS_PER_2048
 _FILL = 127  # mid-grey: a constant image compresses to almost nothing in every format
@@ -35,6 +36,8 @@ class SleepDecoder:
         preset: str = "full",
         latency_ms: float = DEFAULT_LATENCY_MS,
         micro_batch: int = 1,
+        tiling: str = "auto",
+        max_output_megapixels: float = DEFAULT_MAX_OUTPUT_MEGAPIXELS,
     ):
         if latency_ms < 0:
             raise ValueError(f"latency_ms={latency_ms!r} must be >= 0")
@@ -45,6 +48,7 @@ class SleepDecoder:
         self.cfg = net_config_for(spec, preset)
         self.latency_ms = float(latency_ms)
         self.micro_batch = micro_batch
+        self.limits = dict(tiling=tiling, max_output_megapixels=max_output_megapixels)
         self.device = "cpu"
         self.text_encoder = None
         self.load_s = 0.0
@@ -65,7 +69,7 @@ class SleepDecoder:
         """Sleep latency_ms × len(latents); return constant [B, H, W, 3] uint8 images."""
         n = len(latents)
         _, height, width = check_batch(
-            self.spec, self.cfg, self.preset, latents, sigmas, seeds, ids
+            self.spec, self.cfg, self.preset, latents, sigmas, seeds, ids, **self.limits
         )
         t0 = time.perf_counter()
         time.sleep(self.latency_ms * n / 1000)

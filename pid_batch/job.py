@@ -19,6 +19,7 @@ from pid_batch.backbones import (
     resolve_checkpoint,
 )
 from pid_batch.config import VARIANTS
+from pid_batch.tiles import DEFAULT_MAX_OUTPUT_MEGAPIXELS, TILING_MODES, parse_size
 
 LAYOUTS = ("files", "tar")
 INPUT_KINDS = ("latents", "images")
@@ -132,6 +133,14 @@ class SamplingConfig:
     sigma: float = 0.0
     caption: str = ""
     latent_format: str = "pid"
+    # Overlapping tiles of the checkpoint's trained sizes (pid_batch/tiles.py). auto: when the
+    # output fits no trained size or not the accelerator at micro-batch 1; always: whenever it is
+    # larger than one tile; never: decode whole (at most 4096 px per side).
+    tiling: str = "auto"
+    tile_overlap: int | None = None  # minimum overlap in px; None: 512 (scaled for small presets)
+    tile_size: str | None = None  # "WxH": tiles of this size instead of the trained sizes
+    # Outputs above this many pixels are error rows, refused before any allocation.
+    max_output_megapixels: float = DEFAULT_MAX_OUTPUT_MEGAPIXELS
 
     def __post_init__(self) -> None:
         if not 1 <= self.steps <= 4:
@@ -144,6 +153,26 @@ class SamplingConfig:
             )
         if not isinstance(self.caption, str):
             raise JobConfigError(f"sampling.caption must be a string; got {self.caption!r}")
+        if self.tiling not in TILING_MODES:
+            raise JobConfigError(f"sampling.tiling={self.tiling!r}; valid: {TILING_MODES}")
+        overlap = self.tile_overlap
+        if overlap is not None and (
+            not isinstance(overlap, int) or isinstance(overlap, bool) or overlap < 0
+        ):
+            raise JobConfigError(f"sampling.tile_overlap={overlap!r} must be an int >= 0 (px)")
+        if self.tile_size is not None:
+            try:
+                parse_size(self.tile_size, "sampling.tile_size")
+            except ValueError as e:
+                raise JobConfigError(str(e)) from None
+        mp = self.max_output_megapixels
+        if isinstance(mp, bool) or not isinstance(mp, (int, float)) or not mp > 0:
+            raise JobConfigError(f"sampling.max_output_megapixels={mp!r} must be a number > 0")
+
+    @property
+    def tile_hw(self) -> tuple[int, int] | None:
+        """`tile_size` as (H, W), or None."""
+        return None if self.tile_size is None else parse_size(self.tile_size, "sampling.tile_size")
 
 
 @dataclass(frozen=True)
@@ -155,6 +184,10 @@ class OutputConfig:
     quality: int = 95
     # Also decode each latent with the backbone's own VAE into <out>/baseline/ (needs model.vae).
     baseline: bool = False
+    # Image inputs: resize each image before VAE encoding so that PiD's output has exactly this
+    # long side (the encode's long side is target / sr_scale; the short side keeps the aspect
+    # ratio, floored to the VAE's crop multiple by the centre crop).
+    target_long_side: int | None = None
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -165,6 +198,9 @@ class OutputConfig:
             )
         if not 1 <= self.quality <= 100:
             raise JobConfigError(f"output.quality={self.quality!r} must be in 1..100")
+        t = self.target_long_side
+        if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t <= 0):
+            raise JobConfigError(f"images.target_long_side={t!r} must be a positive int (px)")
 
 
 @dataclass(frozen=True)
@@ -260,6 +296,25 @@ class JobConfig:
         if self.changed_inputs not in CHANGED_INPUTS:
             raise JobConfigError(f"changed_inputs={self.changed_inputs!r}; valid: {CHANGED_INPUTS}")
         check_disjoint(self.input, self.output)
+        cell = self.model.spec.latent_cell  # output px per latent cell
+        target = self.images.target_long_side
+        if target is not None and self.input_kind != "images":
+            raise JobConfigError(
+                "images.target_long_side applies to image inputs (input_kind: images)"
+            )
+        if target is not None and target % cell:
+            raise JobConfigError(
+                f"images.target_long_side={target} must be a multiple of {cell} px for "
+                f"{self.model.spec.backbone} (VAE {self.model.spec.vae_scale}x × PiD "
+                f"{self.model.spec.sr_scale}x), e.g. {max(cell, target // cell * cell)} or "
+                f"{(target // cell + 1) * cell}"
+            )
+        tile = self.sampling.tile_hw
+        if tile is not None and (tile[0] % cell or tile[1] % cell):
+            raise JobConfigError(
+                f"sampling.tile_size={self.sampling.tile_size!r} must have sides that are "
+                f"multiples of the latent cell, {cell} px for {self.model.spec.backbone}"
+            )
 
     def manifest(self) -> dict[str, Any]:
         """What an output prefix was produced with; a rerun must match it to resume."""

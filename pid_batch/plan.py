@@ -15,9 +15,10 @@ import re
 from typing import Any
 
 from pid_batch import codecs, storage
-from pid_batch.backbones import resolve_checkpoint
+from pid_batch.backbones import REGISTRY, CheckpointSpec, resolve_checkpoint
 from pid_batch.config import PAPER_GB200_MS_PER_2048, VARIANTS, NetConfig
 from pid_batch.model.flops import count_decode_flops
+from pid_batch.tiles import TilePlan, choose_tiling
 
 REFERENCE_HW = (2048, 2048)
 REFERENCE_STEPS = 4  # the released checkpoints are 4-step distilled students
@@ -67,6 +68,16 @@ def _net(variant: str) -> tuple[str, NetConfig]:
     return name, VARIANTS[name]
 
 
+def _checkpoint(variant: str) -> CheckpointSpec:
+    """The checkpoint a variant or backbone name stands for (its trained sizes decide tiling):
+    a backbone's newest checkpoint, or the first released checkpoint of a variant."""
+    name = variant.removeprefix("tiny:").removeprefix("demo:")
+    for spec in REGISTRY.values():
+        if spec.variant == name:
+            return spec
+    return resolve_checkpoint(name)
+
+
 def decode_flops(
     cfg: NetConfig, height: int, width: int, steps: int = REFERENCE_STEPS
 ) -> tuple[float, float]:
@@ -78,10 +89,33 @@ def decode_flops(
     return float(f.linear), float(f.attention)
 
 
-def time_scale(variant: str, height: int, width: int, steps: int = REFERENCE_STEPS) -> float:
-    """Decode time relative to a 2048² REFERENCE_VARIANT 4-step decode (FLOP ratio)."""
+def image_flops(
+    variant: str, height: int, width: int, steps: int = REFERENCE_STEPS, tiling: str = "auto"
+) -> tuple[float, float, TilePlan | None]:
+    """(linear, attention FLOPs, tiles or None) of decoding one height × width image the way a
+    job with `sampling.tiling` would: whole, or as every tile of its plan (overlaps included)."""
+    cfg = _net(variant)[1]
+    tiles = choose_tiling(
+        _checkpoint(variant),
+        "full",
+        height,
+        width,
+        tiling,
+        cost=lambda h, w: sum(decode_flops(cfg, h, w, steps)),
+    )
+    if tiles is None:
+        return (*decode_flops(cfg, height, width, steps), None)
+    linear, attn = decode_flops(cfg, tiles.tile_h, tiles.tile_w, steps)
+    return tiles.count * linear, tiles.count * attn, tiles
+
+
+def time_scale(
+    variant: str, height: int, width: int, steps: int = REFERENCE_STEPS, tiling: str = "never"
+) -> float:
+    """Decode time relative to a 2048² REFERENCE_VARIANT 4-step decode (FLOP ratio); with
+    `tiling` other than 'never', of the decode a job with that setting runs (image_flops)."""
     ref = sum(decode_flops(VARIANTS[REFERENCE_VARIANT], *REFERENCE_HW))
-    return sum(decode_flops(_net(variant)[1], height, width, steps)) / ref
+    return sum(image_flops(variant, height, width, steps, tiling)[:2]) / ref
 
 
 def _canonical(label: str, known: list[str]) -> str:
@@ -199,11 +233,13 @@ def plan(
     nodes: dict[str, int] | None = None,
     image_format: str = "jpeg",
     steps: int = REFERENCE_STEPS,
+    tiling: str = "auto",
 ) -> dict[str, Any]:
     """Estimate wall time, GPU-hours and output bytes for n latents decoded to width × height.
 
     `cluster`: {accelerator: GPU count}, or a cluster.yaml path (node counts from `nodes`).
     `table`: {accelerator: ms per 2048² image}, merged over PAPER_LATENCY_MS.
+    `tiling`: as the job's `sampling.tiling`; tiled sizes cost every tile, overlaps included.
     """
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
@@ -223,8 +259,9 @@ def plan(
         )
     if not gpus or any(not isinstance(g, int) or g < 0 for g in gpus.values()):
         raise ValueError(f"cluster must give a positive GPU count per accelerator, got {gpus}")
-    linear, attn = decode_flops(cfg, height, width, steps)
-    scale = time_scale(name, height, width, steps)
+    linear, attn, tiles = image_flops(name, height, width, steps, tiling)
+    scale = time_scale(name, height, width, steps, tiling)
+    whole = sum(decode_flops(cfg, height, width, steps))
     rate = {a: g * 1000.0 / (lat[a] * scale) for a, g in gpus.items()}  # images/s, all busy
     total_rate = sum(rate.values()) * DECODER_UTILIZATION
     wall_s = n / total_rate
@@ -251,7 +288,16 @@ def plan(
         "time_vs_2048": round(scale, 3),
         "attention_share": round(attn / (attn + linear), 3),
         "tflops_per_image": round((attn + linear) / 1e12, 1),
+        "tiling": None if tiles is None else {
+            "tiles": tiles.count, "tile_width": tiles.tile_w, "tile_height": tiles.tile_h,
+            "overlap": tiles.overlap, "pixel_factor": round(tiles.pixel_factor, 3),
+            "flops_vs_whole": round((attn + linear) / whole, 3),
+        },
         "assumptions": [
+            *([f"tiled ({tiling}): {tiles.count} tiles of {tiles.tile_w}x{tiles.tile_h} overlapping "
+               f"by >= {tiles.overlap} px decode {tiles.pixel_factor:.2f}x the output's pixels; "
+               f"their FLOPs, overlaps included, are {(attn + linear) / whole:.2f}x a whole decode's "
+               "(less attention over shorter sequences, more pixels)"] if tiles else []),
             f"decode time ∝ FLOPs = a·pixels + b·tokens² (tokens = pixels/{cfg.patch_size}²), "
             f"counted from the {name} config; attention is {attn / (attn + linear):.0%} of the "
             "FLOPs here; attention and GEMMs are assumed equally efficient, so small images "
@@ -289,6 +335,12 @@ def format_plan(d: dict[str, Any]) -> str:
         f"  output      {b['low'] / 1e9:,.1f}-{b['high'] / 1e9:,.1f} GB",
         f"  per image   {d['tflops_per_image']} TFLOP, {d['time_vs_2048']:.2f}x a 2048² decode",
     ]
+    if t := d.get("tiling"):
+        lines.append(
+            f"  tiles       {t['tiles']} of {t['tile_width']}x{t['tile_height']} (overlap >= "
+            f"{t['overlap']} px): {t['pixel_factor']:.2f}x the pixels, {t['flops_vs_whole']:.2f}x "
+            "the FLOPs of a whole decode"
+        )
     for a, v in d["accelerators"].items():
         lines.append(
             f"  {a:<8} {v['gpus']:>4} GPUs  {v['ms_per_image']:>8.1f} ms/image  ~{v['images']:,} images"

@@ -149,7 +149,15 @@ def read_shard(batch: Batch, job: JobConfig, duplicates: Any = None) -> Batch:
                         s.sigma if s.sigma is not None else job.sampling.sigma,
                         sample_id=s.id,
                     )
-                    h, w = validate_latent_shape(spec, cfg, lq.shape, s.id, trained_sizes_only)
+                    h, w = validate_latent_shape(
+                        spec,
+                        cfg,
+                        lq.shape,
+                        s.id,
+                        trained_sizes_only,
+                        tiling=job.sampling.tiling,
+                        max_output_megapixels=job.sampling.max_output_megapixels,
+                    )
                 except (ValueError, TypeError) as e:
                     _add(rows, key, s.id, s.index, "error", storage.redact(str(e)), spec, fp)
                     rows["source_id"][-1] = s.source_id or ""

@@ -9,11 +9,7 @@ import numpy as np
 
 from pid_batch.backbones import CheckpointSpec
 from pid_batch.config import NetConfig, demo, tiny
-
-# Largest output side a released checkpoint was trained or shown at (2kto4k buckets up to
-# 4096 px; docs/model.md#resolution). A larger request is a mistake or an attempt to exhaust the
-# decoder's memory; it is refused for every preset (tiny included), before any allocation.
-MAX_OUTPUT_SIDE = 4096
+from pid_batch.tiles import DEFAULT_MAX_OUTPUT_MEGAPIXELS, MAX_UNTILED_SIDE, TilePlan
 
 
 class SampleError(ValueError):
@@ -42,12 +38,16 @@ def validate_latent_shape(
     shape: Sequence[int],
     sample_id: str | None = None,
     trained_sizes_only: bool = True,
+    *,
+    tiling: str = "auto",
+    max_output_megapixels: float = DEFAULT_MAX_OUTPUT_MEGAPIXELS,
 ) -> tuple[int, int]:
     """Check a PiD-form latent [C, h, w] against the checkpoint; return the output (H, W).
 
     `trained_sizes_only` enforces the RAE checkpoints' one size (dinov2/siglip decode only 2048²,
     docs/model.md#resolution); the tiny and demo presets turn it off so tests can run those code
-    paths at small sizes.
+    paths at small sizes. Outputs above `max_output_megapixels` are refused for every preset,
+    before any allocation; with `tiling='never'` so are sides above MAX_UNTILED_SIDE.
     """
     if len(shape) != 3:
         raise SampleError(sample_id, f"PiD latent must be [C, h, w]; got shape {tuple(shape)}")
@@ -61,11 +61,19 @@ def validate_latent_shape(
     if h < 1 or w < 1:
         raise SampleError(sample_id, f"empty latent of shape {tuple(shape)}")
     height, width = spec.output_hw(h, w)
-    if max(height, width) > MAX_OUTPUT_SIDE:
+    if height * width > max_output_megapixels * 1e6:
         raise SampleError(
             sample_id,
-            f"output {height}x{width} exceeds {MAX_OUTPUT_SIDE} px per side "
-            f"(latent shape {tuple(shape)})",
+            f"output {width}x{height} ({height * width / 1e6:.1f} MP, latent shape "
+            f"{tuple(shape)}) exceeds the ceiling of {max_output_megapixels:g} MP "
+            "(sampling.max_output_megapixels)",
+        )
+    if tiling == "never" and max(height, width) > MAX_UNTILED_SIDE:
+        raise SampleError(
+            sample_id,
+            f"output {width}x{height} exceeds {MAX_UNTILED_SIDE} px per side, the most a decode "
+            "without tiles may have, and sampling.tiling is 'never': set sampling.tiling: auto "
+            "to decode it in overlapping tiles of the checkpoint's trained sizes",
         )
     if height % cfg.patch_size or width % cfg.patch_size:
         raise SampleError(
@@ -90,6 +98,9 @@ def check_batch(
     sigmas: Sequence[float],
     seeds: Sequence[int],
     ids: Sequence[str] | None,
+    *,
+    tiling: str = "auto",
+    max_output_megapixels: float = DEFAULT_MAX_OUTPUT_MEGAPIXELS,
 ) -> tuple[list[str], int, int]:
     """Validate one decode call's arguments; return (ids, H, W) of its single shape bucket."""
     n = len(latents)
@@ -101,7 +112,15 @@ def check_batch(
     shapes = {tuple(lat.shape) for lat in latents}
     if len(shapes) != 1:
         raise ValueError(f"decode() needs latents of one shape (bucket them); got {shapes}")
-    height, width = validate_latent_shape(spec, cfg, next(iter(shapes)), ids[0], preset == "full")
+    height, width = validate_latent_shape(
+        spec,
+        cfg,
+        next(iter(shapes)),
+        ids[0],
+        preset == "full",
+        tiling=tiling,
+        max_output_megapixels=max_output_megapixels,
+    )
     return ids, height, width
 
 
@@ -114,3 +133,4 @@ class DecodeOutput:
     decode_ms: list[float]
     compile_ms: float
     micro_batch: int
+    tiles: TilePlan | None = None  # the tiles of this shape bucket; None: decoded whole

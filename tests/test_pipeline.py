@@ -13,7 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from pid_batch import codecs, pipeline, storage
-from pid_batch.job import JobConfig, JobConfigError, ModelConfig, OutputConfig, ResourceConfig
+from pid_batch.job import (
+    JobConfig,
+    JobConfigError,
+    ModelConfig,
+    OutputConfig,
+    ResourceConfig,
+    SamplingConfig,
+)
 from pid_batch.summary import read_timing
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -237,6 +244,50 @@ def test_image_inputs_encode_decode_with_baseline(
         )
         assert pid.size == (256, 192) and base.size == (64, 48)
     assert pipeline.run(job, log=None).processed == 0
+
+
+def test_image_inputs_target_long_side_lands_exactly(local_ray, tmp_path, tiny_flux_vae):
+    """70×53 archives at images.target_long_side 640: encoded at 160×121 (crop 160×120), decoded
+    by PiD 4× to 640×480, which fits no tiny trained size: the decode is tiled and says so."""
+    inp, out = str(tmp_path / "archive"), str(tmp_path / "out")
+    ids = write_images(inp, 2)
+    job = JobConfig(
+        input=inp,
+        output=out,
+        input_kind="images",
+        model=ModelConfig(backbone="flux", ckpt_type="2k", preset="tiny", vae=tiny_flux_vae),
+        sampling=SamplingConfig(steps=2),
+        images=OutputConfig(image_format="png", target_long_side=640),
+        resources=ResourceConfig(batch_size=4, cpus_per_actor=0.5, micro_batch=4),
+    )
+    result = pipeline.run(job, log=None)
+    assert result.exit_code == 0, result.summary
+    rows = read_timing(out).to_pylist()
+    assert sorted(r["id"] for r in rows) == sorted(ids)
+    for r in rows:
+        assert (r["resize"], r["crop"], r["width"], r["height"]) == (
+            "160x121",
+            "0,0,160,120",
+            640,
+            480,
+        )
+        assert r["tiles"] > 1 and r["tile_overlap"] == 128
+        assert r["tile_width"] < 640 or r["tile_height"] < 480
+    from PIL import Image
+
+    for sid in ids:
+        img = Image.open(io.BytesIO(storage.read_bytes(storage.join(out, "images", f"{sid}.png"))))
+        assert max(img.size) == 640 and img.size == (640, 480)
+
+
+def test_target_long_side_is_checked_before_work():
+    base = dict(
+        input="in", output="out", model=ModelConfig(backbone="flux", preset="tiny", vae="v")
+    )
+    with pytest.raises(JobConfigError, match=r"multiple of 32 px.*e.g. 608 or 640"):
+        JobConfig(**base, input_kind="images", images=OutputConfig(target_long_side=620))
+    with pytest.raises(JobConfigError, match="image inputs"):
+        JobConfig(**base, images=OutputConfig(target_long_side=640))
 
 
 def test_image_inputs_need_a_vae():

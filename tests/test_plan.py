@@ -91,11 +91,36 @@ def test_resolution_scaling_is_linear_plus_quadratic():
     assert time_scale("v1p5_sr4x_c16", 2048, 2048, steps=8) == pytest.approx(eight)
     assert 1.95 < eight < 2.0  # a bit under 2x: the conditioning is not doubled
     assert sum(decode_flops(cfg, 2048, 2048)) == 4 * fwd.total - 3 * cond.total
-    p = plan(1000, 4096, 4096, "v1p5_sr4x_c16", {"gb200": 1})
+    p = plan(1000, 4096, 4096, "v1p5_sr4x_c16", {"gb200": 1}, tiling="never")
+    assert p["tiling"] is None
     assert p["accelerators"]["gb200"]["ms_per_image"] == pytest.approx(
         211 * time_scale("v1p5_sr4x_c16", 4096, 4096), abs=0.1
     )
     assert p["output_bytes"]["low"] == round(1000 * 4096 * 4096 * 0.70e6 / 2048**2 * 1.3)
+
+
+def test_tiled_sizes_cost_every_tile_overlaps_included():
+    """An SDXL portrait archive at 4x (3328x4864) fits no trained size: the plan costs its tiles."""
+    cfg = VARIANTS["v1_sr4x_c4_sdxl"]
+    p = plan(1000, 3328, 4864, "sdxl", {"gb200": 1})
+    t = p["tiling"]
+    assert t is not None and t["tiles"] > 1 and t["overlap"] == 512
+    lin, att = decode_flops(cfg, t["tile_height"], t["tile_width"])
+    tiled = t["tiles"] * (lin + att)
+    assert p["tflops_per_image"] == pytest.approx(tiled / 1e12, abs=0.05)
+    assert t["pixel_factor"] == pytest.approx(
+        t["tiles"] * t["tile_width"] * t["tile_height"] / (3328 * 4864), abs=1e-3
+    )
+    assert t["pixel_factor"] > 1  # the overlaps are decoded twice
+    assert t["flops_vs_whole"] == pytest.approx(
+        tiled / sum(decode_flops(cfg, 4864, 3328)), abs=1e-3
+    )
+    whole = plan(1000, 3328, 4864, "sdxl", {"gb200": 1}, tiling="never")
+    assert whole["tiling"] is None
+    assert p["wall_s"] / whole["wall_s"] == pytest.approx(t["flops_vs_whole"], rel=1e-2)
+    assert "tiles" in format_plan(p) and "overlap" in format_plan(p)
+    # a trained size is decoded whole
+    assert plan(10, 2048, 2048, "flux", {"gb200": 1})["tiling"] is None
 
 
 def test_cluster_yaml_of_the_repo():

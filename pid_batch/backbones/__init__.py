@@ -124,6 +124,32 @@ def backbone(name: str) -> Backbone:
 
 CKPT_TYPES = ("2k", "2kto4k", "2kto4k_v1pt5")  # oldest first
 
+# Output sizes (H, W) the checkpoints were trained at (docs/model.md#resolution). `2k`: five
+# aspect ratios at 2048 px; the RAE backbones 2048² alone.
+TRAINED_SIZES_2K = ((2048, 2048), (1728, 2304), (2304, 1728), (1536, 2688), (2688, 1536))
+# Largest bucket per aspect ratio W:H of the 2K-4K students (transposed for H:W).
+_MULTIRES_CAPS = {(1, 1): (3584, 3584), (4, 3): (4096, 2816), (16, 9): (4096, 2176)}
+
+
+def _multires_sizes() -> tuple[tuple[int, int], ...]:
+    """The 2K-4K buckets: 1:1, 4:3, 3:4, 16:9, 9:16 at area levels 2048..3840 px in steps of 256
+    (W·H ≈ level², sides rounded to multiples of 64), clipped to the largest bucket of the ratio.
+
+    Stated for the v1.5 students (docs/model.md#resolution); v1 `2kto4k`'s data config is not
+    public, and the same set (the resolution range its name promises) stands in for it.
+    """
+    sizes = set()
+    for (a, b), cap in _MULTIRES_CAPS.items():
+        for ra, rb, (cap_w, cap_h) in ((a, b, cap), (b, a, cap[::-1])):
+            for level in range(2048, 3840 + 1, 256):
+                w = round(level * math.sqrt(ra / rb) / 64) * 64
+                h = round(level * math.sqrt(rb / ra) / 64) * 64
+                sizes.add((cap_h, cap_w) if w > cap_w or h > cap_h else (h, w))
+    return tuple(sorted(sizes))
+
+
+TRAINED_SIZES_2KTO4K = _multires_sizes()
+
 
 @dataclass(frozen=True)
 class CheckpointSpec:
@@ -173,10 +199,21 @@ class CheckpointSpec:
         """Path of the weights inside the `nvidia/PiD` repository."""
         return f"checkpoints/{self.experiment}/model_ema_bf16.pth"
 
+    @property
+    def trained_sizes(self) -> tuple[tuple[int, int], ...]:
+        """Output sizes (H, W) this checkpoint was trained at (docs/model.md#resolution)."""
+        if self.fixed_hw is not None:
+            return (self.output_hw(*self.fixed_hw),)
+        return TRAINED_SIZES_2K if self.ckpt_type == "2k" else TRAINED_SIZES_2KTO4K
+
+    @property
+    def latent_cell(self) -> int:
+        """Output pixels per latent cell along a side (`vae_scale * sr_scale`: 32, 64 or 128)."""
+        return self.vae_scale * self.sr_scale
+
     def output_hw(self, h: int, w: int) -> tuple[int, int]:
         """Output image size (H, W) for a PiD-form latent of spatial size (h, w)."""
-        f = self.vae_scale * self.sr_scale
-        return h * f, w * f
+        return h * self.latent_cell, w * self.latent_cell
 
 
 def _official(backbone: str, ckpt_type: str, variant: str) -> CheckpointSpec:

@@ -132,6 +132,21 @@ def center_crop_box(height: int, width: int, multiple: int) -> tuple[int, int, i
     return left, top, left + w, top + h
 
 
+def resize_long_side(img: np.ndarray, long_side: int) -> np.ndarray:
+    """H×W×3 uint8 → the same picture with its long side `long_side` px (Lanczos), aspect kept
+    (short side rounded); returned unchanged when it already has that long side."""
+    from PIL import Image
+
+    h, w = img.shape[:2]
+    if max(h, w) == long_side:
+        return img
+    scale = long_side / max(h, w)
+    size = (
+        (long_side, max(1, round(h * scale))) if w >= h else (max(1, round(w * scale)), long_side)
+    )
+    return np.asarray(Image.fromarray(img).resize(size, Image.Resampling.LANCZOS))
+
+
 def _groups(shapes: Sequence[tuple], max_batch: int) -> list[list[int]]:
     """Indices grouped by equal shape (first-seen order), each group split into ≤ max_batch."""
     by_shape: dict[tuple, list[int]] = {}
