@@ -10,6 +10,7 @@ import os
 import socket
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -93,20 +94,38 @@ class VaeStage:
         return out
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a decode actor runs (the pipeline reads it from Ray; None where Ray does not say)."""
+
+    node_id: str | None = None  # the Ray node id
+    host: str = field(default_factory=socket.gethostname)
+    accelerator_class: str | None = None  # keys the job's per-class settings (job.ResourceConfig)
+
+
 class DecodeStage:
     """Holds one warm Decoder; maps read rows to rows with raw images (the actor's body)."""
 
-    def __init__(self, job: JobConfig):
+    def __init__(self, job: JobConfig, placement: Placement | None = None):
         self.job = job
+        self.placement = placement or Placement()
+        cls = self.placement.accelerator_class
+        micro_batch = job.resources.micro_batch_on(cls)
         t0 = time.perf_counter()
         if job.model.fake_latency_ms is not None:
-            from pid_batch.fake import SleepDecoder
+            from pid_batch.fake import DEFAULT_LATENCY_MS, SleepDecoder
 
-            self.decoder = SleepDecoder(job.model.spec, job.model.preset, job.model.fake_latency_ms)
+            latency = job.model.fake_latency_on(cls)
+            self.decoder = SleepDecoder(
+                job.model.spec,
+                job.model.preset,
+                DEFAULT_LATENCY_MS if latency is None else latency,
+                micro_batch=micro_batch or 1,  # the fake has no memory to size it from
+            )
         else:
-            self.decoder = _real_decoder(job)
+            self.decoder = _real_decoder(job, micro_batch)
         self.startup_s = time.perf_counter() - t0
-        self.node = socket.gethostname()
+        self.node = self.placement.host
         self.actor = f"{self.node}:{os.getpid()}"
         self.busy_s = 0.0  # time inside Decoder.decode, for the device-busy fraction
         self.first_call_at: float | None = None
@@ -142,7 +161,9 @@ class DecodeStage:
             queue_ms=queue_ms.astype(np.float32),
             decode_started_at=np.full(n, started),
             node=np.full(n, self.node, dtype=object),
+            node_id=np.full(n, self.placement.node_id or "", dtype=object),
             accelerator=np.full(n, self.decoder.accelerator, dtype=object),
+            accelerator_class=np.full(n, self.placement.accelerator_class or "", dtype=object),
             actor=np.full(n, self.actor, dtype=object),
         )
         return out
@@ -196,8 +217,9 @@ class DecodeStage:
         status[i] = "ok"
 
 
-def _real_decoder(job: JobConfig):
-    """The warm Decoder for this job, weights fetched once per node from wherever they live."""
+def _real_decoder(job: JobConfig, micro_batch: int | None = None):
+    """The warm Decoder for this job, weights fetched once per node from wherever they live
+    (micro_batch: this actor's, 0 to size it from free memory; None: the job's class-less one)."""
     import torch
 
     from pid_batch.decoder import Decoder
@@ -218,7 +240,7 @@ def _real_decoder(job: JobConfig):
         device=device,
         dtype=job.model.dtype,
         compile=job.model.compile,
-        micro_batch=job.resources.micro_batch,
+        micro_batch=job.resources.micro_batch_on(None) if micro_batch is None else micro_batch,
     )
     decoder.text_encoder = _text_encoder(job, decoder)
     return decoder

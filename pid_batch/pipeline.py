@@ -60,14 +60,29 @@ LOCAL_RAY_ENV = {"RAY_idle_worker_killing_time_threshold_ms": "60000"}
 DECODE_TASK_RETRIES = 2
 READ_CPUS = 0.5  # reads are IO and parsing
 
+# The node labels that name a node's accelerator class, first found wins: our own (cluster.yaml
+# sets it per node type: `ray start --labels='{"pid-batch/accelerator": "rtx"}'`), then the one
+# Ray sets itself from the GPU it detects (e.g. "GB200", "H100", "GeForce-RTX-5090"). A decode
+# actor looks up its micro-batch (and a fake decoder its latency) by this class.
+ACCELERATOR_LABELS = ("pid-batch/accelerator", "ray.io/accelerator-type")
+
+
+def accelerator_class(labels: dict[str, str]) -> str | None:
+    """A node's accelerator class from its Ray labels (None: neither label set)."""
+    return next((labels[k] for k in ACCELERATOR_LABELS if labels.get(k)), None)
+
 
 class DecodeActor:
     """Ray actor: a thin adapter around actors.DecodeStage (loads once, maps batches)."""
 
     def __init__(self, job: JobConfig):
-        from pid_batch.actors import DecodeStage  # torch: in actor processes only
+        from pid_batch.actors import DecodeStage, Placement  # torch: in actor processes only
 
-        self.stage = DecodeStage(job)
+        ctx = ray.get_runtime_context()
+        where = Placement(
+            node_id=ctx.get_node_id(), accelerator_class=accelerator_class(ctx.get_node_labels())
+        )
+        self.stage = DecodeStage(job, where)
 
     def __call__(self, batch):
         return self.stage(batch)
