@@ -72,6 +72,18 @@ def accelerator_class(labels: dict[str, str]) -> str | None:
     return next((labels[k] for k in ACCELERATOR_LABELS if labels.get(k)), None)
 
 
+def unmatched_classes(job: JobConfig, node_labels: list[dict[str, str]]) -> list[str]:
+    """Accelerator classes the job's per-class settings name that no node has (a misspelt class
+    silently falls back to the defaults; an autoscaled node type may still join later)."""
+    named = {
+        k
+        for setting in (job.resources.micro_batch, job.model.fake_latency_ms)
+        if isinstance(setting, dict)
+        for k in setting
+    }
+    return sorted(named - {accelerator_class(labels) for labels in node_labels})
+
+
 class DecodeActor:
     """Ray actor: a thin adapter around actors.DecodeStage (loads once, maps batches)."""
 
@@ -331,6 +343,14 @@ def _run(
     resume.supersede(job, plan.changed)
     ensure_ray(job, **init_kwargs)
     _catch_signals()
+    nodes = [n.get("Labels") or {} for n in ray.nodes() if n.get("Alive")]
+    if log and (missing := unmatched_classes(job, nodes)):
+        have = sorted({c for c in map(accelerator_class, nodes) if c})
+        print(
+            f"[pid-batch] note: no node of accelerator class {missing} is up (classes now: "
+            f"{have}); actors on such nodes use the defaults until one joins",
+            file=log,
+        )
     result = RunResult(summary={}, shards_skipped=plan.skipped)
     try:
         _decode(job, plan, result, log)
