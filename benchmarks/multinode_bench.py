@@ -398,10 +398,17 @@ def scenario(
         ev["rows_on_node"] = sum(g["rows"] for g in rows)
         # Rows of actor processes that began after the event on other nodes: after a loss, the
         # lost actor restarted elsewhere (Ray retries the batches it held on it first).
-        ev["replacement_rows"] = sum(
-            n
-            for start, node, n in first_call.values()
-            if start > ev["at"] and node != ev["node_id"]
+        later = [
+            (st, n)
+            for st, node, n in first_call.values()
+            if st > ev["at"] and node != ev["node_id"]
+        ]
+        ev["replacement_rows"] = sum(n for _, n in later)
+        on_node = [st for st, node, _ in first_call.values() if node == ev["node_id"]]
+        if ev["action"] == "add":
+            ev["first_call_on_node_s"] = round(min(on_node) - ev["at"], 2) if on_node else None
+        ev["replacement_first_call_s"] = (
+            round(min(st for st, _ in later) - ev["at"], 2) if later else None
         )
     return report
 
@@ -439,10 +446,13 @@ def print_report(r: dict[str, Any]) -> None:
         f"duplicated {a['duplicated']} (raw timing rows {a['raw_rows']}, images {a['images']})"
     )
     for ev in r["events"]:
+        if "first_call_on_node_s" in ev:
+            print(f"first call on the new node {ev['first_call_on_node_s']} s after it was added")
         print(
             f"{ev['action']} {ev['kind']} node {ev['node_id'][:12]} with {ev['samples_left']} "
             f"samples left; rows it decoded: {ev['rows_on_node']}; rows of actors that "
-            f"started after it elsewhere: {ev['replacement_rows']}"
+            f"started after it elsewhere: {ev['replacement_rows']} (first call "
+            f"{ev['replacement_first_call_s']} s after it)"
         )
     if "steady" in r:
         s = r["steady"]

@@ -61,7 +61,7 @@ DECODE_TASK_RETRIES = 2
 READ_CPUS = 0.5  # reads are IO and parsing
 
 # The node labels that name a node's accelerator class, first found wins: our own (cluster.yaml
-# sets it per node type: `ray start --labels='{"pid-batch/accelerator": "rtx"}'`), then the one
+# sets it per node type: `ray start --labels=pid-batch/accelerator=rtx`), then the one
 # Ray sets itself from the GPU it detects (e.g. "GB200", "H100", "GeForce-RTX-5090"). A decode
 # actor looks up its micro-batch (and a fake decoder its latency) by this class.
 ACCELERATOR_LABELS = ("pid-batch/accelerator", "ray.io/accelerator-type")
