@@ -347,8 +347,9 @@ def _run(
     if log and (missing := unmatched_classes(job, nodes)):
         have = sorted({c for c in map(accelerator_class, nodes) if c})
         print(
-            f"[pid-batch] note: no node of accelerator class {missing} is up (classes now: "
-            f"{have}); actors on such nodes use the defaults until one joins",
+            f"[pid-batch] note: the job sets micro_batch/fake_latency_ms for accelerator "
+            f"class(es) {missing}, which no node has now (classes: {have}); they apply once "
+            "such a node joins (check the spelling)",
             file=log,
         )
     result = RunResult(summary={}, shards_skipped=plan.skipped)
