@@ -10,6 +10,7 @@ import os
 import socket
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -107,26 +108,40 @@ class VaeStage:
         return out
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a decode actor runs (the pipeline reads it from Ray; None where Ray does not say)."""
+
+    node_id: str | None = None  # the Ray node id
+    host: str = field(default_factory=socket.gethostname)
+    accelerator_class: str | None = None  # keys the job's per-class settings (job.ResourceConfig)
+
+
 class DecodeStage:
     """Holds one warm Decoder; maps read rows to rows with raw images (the actor's body)."""
 
-    def __init__(self, job: JobConfig):
+    def __init__(self, job: JobConfig, placement: Placement | None = None):
         self.job = job
+        self.placement = placement or Placement()
+        cls = self.placement.accelerator_class
+        micro_batch = job.resources.micro_batch_on(cls)
         t0 = time.perf_counter()
         if job.model.fake_latency_ms is not None:
-            from pid_batch.fake import SleepDecoder
+            from pid_batch.fake import DEFAULT_LATENCY_MS, SleepDecoder
 
+            latency = job.model.fake_latency_on(cls)
             self.decoder = SleepDecoder(
                 job.model.spec,
                 job.model.preset,
-                job.model.fake_latency_ms,
+                DEFAULT_LATENCY_MS if latency is None else latency,
+                micro_batch=micro_batch or 1,  # the fake has no memory to size it from
                 tiling=job.sampling.tiling,
                 max_output_megapixels=job.sampling.max_output_megapixels,
             )
         else:
-            self.decoder = _real_decoder(job)
+            self.decoder = _real_decoder(job, micro_batch)
         self.startup_s = time.perf_counter() - t0
-        self.node = socket.gethostname()
+        self.node = self.placement.host
         self.actor = f"{self.node}:{os.getpid()}"
         self.busy_s = 0.0  # time inside Decoder.decode, for the device-busy fraction
         self.first_call_at: float | None = None
@@ -170,7 +185,9 @@ class DecodeStage:
             queue_ms=queue_ms.astype(np.float32),
             decode_started_at=np.full(n, started),
             node=np.full(n, self.node, dtype=object),
+            node_id=np.full(n, self.placement.node_id or "", dtype=object),
             accelerator=np.full(n, self.decoder.accelerator, dtype=object),
+            accelerator_class=np.full(n, self.placement.accelerator_class or "", dtype=object),
             actor=np.full(n, self.actor, dtype=object),
         )
         return out
@@ -233,8 +250,9 @@ def _tile_cells(plan) -> tuple[int, int, int, int]:
     return (0, 0, 0, 0) if plan is None else (plan.tile_h, plan.tile_w, plan.overlap, plan.count)
 
 
-def _real_decoder(job: JobConfig):
-    """The warm Decoder for this job, weights fetched once per node from wherever they live."""
+def _real_decoder(job: JobConfig, micro_batch: int | None = None):
+    """The warm Decoder for this job, weights fetched once per node from wherever they live
+    (micro_batch: this actor's, 0 to size it from free memory; None: the job's class-less one)."""
     import torch
 
     from pid_batch.decoder import Decoder
@@ -256,7 +274,7 @@ def _real_decoder(job: JobConfig):
         dtype=job.model.dtype,
         compile=job.model.compile,
         compile_mode=job.model.compile_mode,
-        micro_batch=job.resources.micro_batch,
+        micro_batch=job.resources.micro_batch_on(None) if micro_batch is None else micro_batch,
         tiling=job.sampling.tiling,
         tile_overlap=job.sampling.tile_overlap,
         tile_size=job.sampling.tile_hw,

@@ -654,10 +654,10 @@ TIMING_SCHEMA = pa.schema(
         pa.field("encode_ms", _MS),
         pa.field("write_ms", _MS),
         pa.field("bytes", pa.int64()),  # encoded output size
-        pa.field("node", pa.string()),
-        pa.field("accelerator", pa.string()),
+        pa.field("node", pa.string()),  # host name of the decode actor's machine
+        pa.field("accelerator", pa.string()),  # the device as the decoder names it
         pa.field("actor", pa.string()),
-        pa.field("batch_size", pa.int32()),
+        pa.field("batch_size", pa.int32()),  # the micro-batch the decoder ran this sample in
         pa.field("started_at", _TS),
         pa.field("finished_at", _TS),
         pa.field("output", pa.string()),  # object key or tar member
@@ -678,9 +678,23 @@ TIMING_SCHEMA = pa.schema(
         # The input shard's identity when this row was made (resume.fingerprint): rows of an
         # earlier content of the same shard are superseded. Null in tables written before it.
         pa.field("input_fingerprint", pa.string()),
+        # Version 2: where the decode actor ran, for jobs over many nodes (several share a host).
+        pa.field("node_id", pa.string()),  # the Ray node id (hex)
+        # The node's accelerator class (its pid-batch/accelerator or ray.io/accelerator-type
+        # label, e.g. "rtx", "GB200"), which keys per-class settings such as micro_batch.
+        pa.field("accelerator_class", pa.string()),
     ],
-    metadata={"pid_batch.timing_version": "1"},
+    metadata={"pid_batch.timing_version": "2"},
 )
+
+
+def conform_timing_table(t: pa.Table) -> pa.Table:
+    """A timing table read back, with the columns added since it was written filled with nulls
+    (every column after `index`/`status` is nullable), in TIMING_SCHEMA's order."""
+    missing = [f for f in TIMING_SCHEMA if f.name not in t.column_names]
+    for f in missing:
+        t = t.append_column(f, pa.nulls(t.num_rows, f.type))
+    return t.select(TIMING_SCHEMA.names) if missing else t
 
 
 def timing_table(rows: list[dict]) -> pa.Table:

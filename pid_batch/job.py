@@ -60,8 +60,10 @@ class ModelConfig:
     # The backbone's own VAE (diffusers folder, local or s3://): encodes image inputs and
     # gives the native-decode baseline.
     vae: str | None = None
-    # Benchmarks only: a stand-in decoder that sleeps this long per image (pid_batch.fake).
-    fake_latency_ms: float | None = None
+    # Benchmarks only: a stand-in decoder that sleeps this long per image (pid_batch.fake);
+    # a mapping gives each accelerator class its own latency (see ResourceConfig.micro_batch),
+    # a class it does not name sleeps pid_batch.fake.DEFAULT_LATENCY_MS.
+    fake_latency_ms: float | dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -76,8 +78,8 @@ class ModelConfig:
             raise JobConfigError(f"model: {e}") from None
         if self.preset not in PRESETS:
             raise JobConfigError(f"model.preset={self.preset!r}; valid: {PRESETS}")
-        if self.fake_latency_ms is not None and self.fake_latency_ms < 0:
-            raise JobConfigError(f"model.fake_latency_ms={self.fake_latency_ms!r} must be >= 0")
+        if self.fake_latency_ms is not None:
+            _check_per_class("model.fake_latency_ms", self.fake_latency_ms, (int, float), 0)
         if self.preset == "demo" and self.checkpoint is None and self.fake_latency_ms is None:
             try:  # the bundled CPU-trained decoder of pid_batch.train
                 object.__setattr__(self, "checkpoint", str(bundled("student")))
@@ -116,6 +118,10 @@ class ModelConfig:
     @property
     def spec(self) -> CheckpointSpec:
         return resolve_checkpoint(self.backbone, self.ckpt_type)
+
+    def fake_latency_on(self, accelerator_class: str | None) -> float | None:
+        """The stand-in decoder's latency on a node of this class (None: the fake's default)."""
+        return _per_class(self.fake_latency_ms, accelerator_class)
 
     @property
     def variant_label(self) -> str:
@@ -212,7 +218,13 @@ class ResourceConfig:
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
     batch_size: int = 16  # rows per actor call; the actor splits them into micro-batches
-    micro_batch: int = 0
+    # Images per decoder forward. 0: each actor sizes it from its accelerator's free memory. A
+    # mapping {accelerator class: micro-batch}, e.g. {rtx: 1, gb200: 8}, lets one job span
+    # unlike GPUs (Ray Data has one batch_size per operator): each actor looks up the class of
+    # the node it landed on (its node label pid-batch/accelerator, else the ray.io/accelerator-type
+    # label Ray sets from the GPU it detects, e.g. GB200; see pipeline.ACCELERATOR_LABELS); a
+    # class the mapping does not name sizes from free memory.
+    micro_batch: int | dict[str, int] = 0
     # Encode tasks mostly wait on writes (fsync / PUT): two per core; 16 rows per task keeps Ray
     # task and timing-part overheads low (benchmarks/README.md §2) while a 2048² batch stays
     # ~200 MB of raw images.
@@ -243,11 +255,40 @@ class ResourceConfig:
             raise JobConfigError(
                 f"resources.prefetch_batches={self.prefetch_batches!r}; valid: 0-3"
             )
-        if self.batch_size < 1 or self.micro_batch < 0 or self.encode_batch_size < 1:
+        if self.batch_size < 1 or self.encode_batch_size < 1:
             raise JobConfigError(
                 f"resources: batch_size={self.batch_size!r} and encode_batch_size="
-                f"{self.encode_batch_size!r} must be >= 1, micro_batch={self.micro_batch!r} >= 0"
+                f"{self.encode_batch_size!r} must be >= 1"
             )
+        _check_per_class("resources.micro_batch", self.micro_batch, (int,), 0)
+
+    def micro_batch_on(self, accelerator_class: str | None) -> int:
+        """Micro-batch for an actor on a node of this class (0: size it from free memory)."""
+        return _per_class(self.micro_batch, accelerator_class) or 0
+
+
+def _check_per_class(where: str, value: Any, types: tuple[type, ...], least: float) -> None:
+    """A number >= least, or a non-empty mapping of accelerator class names to such numbers."""
+    items = value.items() if isinstance(value, dict) else [(None, value)]
+    for cls, v in items:
+        if cls is not None and (not isinstance(cls, str) or not cls):
+            raise JobConfigError(f"{where}: accelerator class {cls!r} must be a non-empty string")
+        if not isinstance(v, types) or isinstance(v, bool) or v < least:
+            kinds = " or ".join(t.__name__ for t in types)
+            at = f"[{cls!r}]" if cls is not None else ""
+            raise JobConfigError(
+                f"{where}{at}={v!r} must be {kinds} >= {least}, or a mapping "
+                "{accelerator class: value} of such"
+            )
+    if isinstance(value, dict) and not value:
+        raise JobConfigError(f"{where}: an empty mapping names no accelerator class")
+
+
+def _per_class(value: Any, accelerator_class: str | None) -> Any:
+    """A per-accelerator setting's value on a node of this class (None: not named there)."""
+    if isinstance(value, dict):
+        return value.get(accelerator_class) if accelerator_class is not None else None
+    return value
 
 
 @dataclass(frozen=True)

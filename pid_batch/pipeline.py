@@ -70,6 +70,29 @@ READ_CPUS = 0.5  # reads are IO and parsing
 PROGRESS_EVERY_S = float(os.environ.get("PID_BATCH_PROGRESS_S", "10"))
 WATCH_EVERY_S = 1.0  # how often the driver asks the ledger whether an actor failed to start
 
+# The node labels that name a node's accelerator class, first found wins: our own (cluster.yaml
+# sets it per node type: `ray start --labels=pid-batch/accelerator=rtx`), then the one
+# Ray sets itself from the GPU it detects (e.g. "GB200", "H100", "GeForce-RTX-5090"). A decode
+# actor looks up its micro-batch (and a fake decoder its latency) by this class.
+ACCELERATOR_LABELS = ("pid-batch/accelerator", "ray.io/accelerator-type")
+
+
+def accelerator_class(labels: dict[str, str]) -> str | None:
+    """A node's accelerator class from its Ray labels (None: neither label set)."""
+    return next((labels[k] for k in ACCELERATOR_LABELS if labels.get(k)), None)
+
+
+def unmatched_classes(job: JobConfig, node_labels: list[dict[str, str]]) -> list[str]:
+    """Accelerator classes the job's per-class settings name that no node has (a misspelt class
+    silently falls back to the defaults; an autoscaled node type may still join later)."""
+    named = {
+        k
+        for setting in (job.resources.micro_batch, job.model.fake_latency_ms)
+        if isinstance(setting, dict)
+        for k in setting
+    }
+    return sorted(named - {accelerator_class(labels) for labels in node_labels})
+
 
 class DecoderStartError(JobConfigError):
     """A decode (or VAE) actor could not load its model: the actor's own error, in one line."""
@@ -105,12 +128,16 @@ class _StageActor:
 
         self.ledger, self.stage = ledger, None
         try:
-            self.stage = getattr(actors, self.stage_name)(job)
+            self.stage = getattr(actors, self.stage_name)(job, *self._where(actors))
         except Exception as e:
             if ledger is None:
                 raise
             message = " ".join(f"{type(e).__name__}: {storage.redact(str(e))}".split())
             ray.get(ledger.failed.remote(message[:2000]))
+
+    def _where(self, actors) -> tuple:
+        """Extra constructor arguments of the stage (where it runs)."""
+        return ()
 
     def _wait_if_broken(self) -> None:
         while self.stage is None:  # the driver ends the run within WATCH_EVERY_S
@@ -126,6 +153,15 @@ class DecodeActor(_StageActor):
     DECODE_ATTEMPTS times on it becomes error rows instead of a fourth try."""
 
     stage_name = "DecodeStage"
+
+    def _where(self, actors) -> tuple:
+        ctx = ray.get_runtime_context()
+        labels = ctx.get_node_labels()
+        return (
+            actors.Placement(
+                node_id=ctx.get_node_id(), accelerator_class=accelerator_class(labels)
+            ),
+        )
 
     def __call__(self, batch):
         self._wait_if_broken()
@@ -413,6 +449,15 @@ def _run(
     )
     started = ensure_ray(job, **init_kwargs)
     _catch_signals()
+    nodes = [n.get("Labels") or {} for n in ray.nodes() if n.get("Alive")]
+    if missing := unmatched_classes(job, nodes):
+        have = sorted({c for c in map(accelerator_class, nodes) if c})
+        _say(
+            log,
+            f"note: the job sets micro_batch/fake_latency_ms for accelerator class(es) {missing}, "
+            f"which no node has now (classes: {have}); they apply once such a node joins "
+            "(check the spelling)",
+        )
     try:
         _decode(job, plan, result, log)
     except KeyboardInterrupt as e:  # Ctrl-C before our handler, or Interrupted

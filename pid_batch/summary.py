@@ -39,7 +39,7 @@ def read_timing(out: str) -> pa.Table:
 
 def read_timing_parts(out: str) -> pa.Table:
     """Every row of every timing part under `<out>/timing/`, as written (attempts repeat)."""
-    from pid_batch.codecs import TIMING_SCHEMA
+    from pid_batch.codecs import TIMING_SCHEMA, conform_timing_table
 
     try:
         parts = storage.list_files(storage.join(out, "timing"), suffixes=(".parquet",))
@@ -52,9 +52,7 @@ def read_timing_parts(out: str) -> pa.Table:
     with ThreadPoolExecutor(min(READ_THREADS, len(parts))) as pool:
         tables = list(pool.map(_read_part, parts))
     table = pa.concat_tables(tables, promote_options="default")
-    if "input_fingerprint" not in table.column_names:  # parts written before fingerprints
-        table = table.append_column("input_fingerprint", pa.nulls(table.num_rows, pa.string()))
-    return table
+    return conform_timing_table(table)  # parts of older versions lack the newer columns
 
 
 def _read_part(uri: str) -> pa.Table:

@@ -238,7 +238,9 @@ def _timing_row(batch: Batch, i: int, job: JobConfig) -> dict[str, Any]:
         "write_ms": 0.0,
         "bytes": 0,
         "node": cell_str(get("node")),
+        "node_id": cell_str(get("node_id")) or None,  # "" on the rows: not known
         "accelerator": cell_str(get("accelerator")),
+        "accelerator_class": cell_str(get("accelerator_class")) or None,
         "actor": cell_str(get("actor")),
         "batch_size": int(get("micro_batch", 0)),
         "started_at": _ts(float(started) if started is not None else read_done),
