@@ -249,6 +249,7 @@ PARQUET_SHARD_SCHEMA = pa.schema(
         pa.field("latent_format", pa.string()),
     ]
 )
+PARQUET_REQUIRED = ("latent", "shape", "dtype")  # a shard without one of these is unreadable
 # The `dtype` names a Parquet row may give its latent → the safetensors dtype of its bytes.
 PARQUET_LATENT_DTYPES = {_ST_NAMES[k]: k for k in ("F32", "F16", "BF16")}
 
@@ -434,7 +435,7 @@ def _read_parquet(
         table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowException, OSError) as e:
         raise ShardError(name, f"unreadable Parquet ({e})") from None
-    missing = [c for c in ("latent", "shape", "dtype") if c not in table.column_names]
+    missing = [c for c in PARQUET_REQUIRED if c not in table.column_names]
     if missing:
         raise ShardError(name, f"missing columns {missing}; has {table.column_names}")
     if table.num_rows == 0:
