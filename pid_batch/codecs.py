@@ -107,7 +107,9 @@ _ST_DTYPES = {
     "U64": ("<u8", 8), "U32": ("<u4", 4), "U16": ("<u2", 2), "U8": ("u1", 1),
 }  # fmt: skip
 _NP_TO_ST = {"float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32"}
-_FLOAT_ST = ("F64", "F32", "F16", "BF16")
+# What a latent shard may store (README's input tables list them; tests/test_docs.py compares).
+ST_FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")  # safetensors `latents` and `sigmas`
+ST_SEED_DTYPES = ("I64", "I32", "I16", "I8", "U32", "U16", "U8")  # `seeds`: all fit int64
 _ST_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
@@ -122,7 +124,7 @@ class _Tensor:
         arr = np.frombuffer(self.raw, dtype=_ST_DTYPES[self.dtype][0]).reshape(self.shape)
         if self.dtype == "BF16":
             return bf16_to_float32(arr)
-        return arr.astype(np.float32) if self.dtype in _FLOAT_ST else arr.astype(np.int64)
+        return arr.astype(np.float32) if self.dtype in ST_FLOAT_DTYPES else arr.astype(np.int64)
 
 
 def _parse_safetensors(data: bytes, name: str) -> tuple[dict[str, _Tensor], dict[str, str]]:
@@ -160,7 +162,7 @@ def _latents_count(spec: object, name: str, file_len: int, body_len: float = mat
     Each declared sample must account for at least one byte of the file (its latent, or its id
     in the header), so N ≤ file_len and all per-sample work is bounded by the input's size.
     """
-    if not _entry_fits(spec, body_len) or spec["dtype"] not in _FLOAT_ST or not spec["shape"]:
+    if not _entry_fits(spec, body_len) or spec["dtype"] not in ST_FLOAT_DTYPES or not spec["shape"]:
         raise ShardError(name, "needs a float tensor 'latents' [N, ...] that fits the file")
     n = int(spec["shape"][0])
     if n == 0:
@@ -239,7 +241,7 @@ PARQUET_SHARD_SCHEMA = pa.schema(
         pa.field("id", pa.string()),
         pa.field("latent", pa.binary()),  # raw little-endian bytes
         pa.field("shape", pa.list_(pa.int32())),
-        pa.field("dtype", pa.string()),  # float32 | float16 | bfloat16
+        pa.field("dtype", pa.string()),  # a key of PARQUET_LATENT_DTYPES
         pa.field("caption", pa.string()),
         pa.field("sigma", pa.float32()),
         pa.field("seed", pa.int64()),
@@ -247,9 +249,9 @@ PARQUET_SHARD_SCHEMA = pa.schema(
         pa.field("latent_format", pa.string()),
     ]
 )
-_PQ_DTYPES = {
-    _ST_NAMES[k]: k for k in ("F32", "F16", "BF16")
-}  # latent dtypes Parquet rows may name
+PARQUET_REQUIRED = ("latent", "shape", "dtype")  # a shard without one of these is unreadable
+# The `dtype` names a Parquet row may give its latent → the safetensors dtype of its bytes.
+PARQUET_LATENT_DTYPES = {_ST_NAMES[k]: k for k in ("F32", "F16", "BF16")}
 
 
 def write_parquet_shard(samples: list[dict]) -> bytes:
@@ -258,8 +260,8 @@ def write_parquet_shard(samples: list[dict]) -> bytes:
     for sample in samples:
         lat = np.asarray(sample["latent"])
         dtype = sample.get("dtype") or lat.dtype.name
-        if dtype not in _PQ_DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_PQ_DTYPES)}, got {dtype!r}")
+        if dtype not in PARQUET_LATENT_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(PARQUET_LATENT_DTYPES)}, got {dtype!r}")
         if dtype == "bfloat16":
             raw = float32_to_bf16(lat.astype(np.float32))
         else:
@@ -289,7 +291,7 @@ def _field_errors(f: dict, limits: ShardLimits) -> list[str]:
     if sigma is not None and not (isinstance(sigma, (int, float)) and 0.0 <= sigma <= 1.0):
         errs.append(f"sigma must be a number in [0, 1], got {sigma!r}")
     if seed is not None and not (type(seed) is int and -(2**63) <= seed < 2**63):
-        errs.append(f"seed must be an int64, got {seed!r}")
+        errs.append(f"seed must be an integer in int64 range, got {seed!r}")
     if f["backbone"] is not None and not isinstance(f["backbone"], str):
         errs.append(f"backbone must be a string, got {f['backbone']!r}")
     if f["latent_format"] not in (None, *LATENT_FORMATS):
@@ -382,15 +384,17 @@ def _json_list(meta: dict[str, str], key: str, n: int, name: str) -> list:
 
 
 def _vector(
-    tensors: dict[str, _Tensor], key: str, dtypes: tuple[str, ...], n: int, name: str
+    tensors: dict[str, _Tensor], key: str, dtypes: tuple[str, ...], n: int, name: str, kind: str
 ) -> list | None:
-    """A [n] tensor as a Python list, None when absent."""
+    """A [n] tensor of `kind` ('integers': dtypes) as a Python list, None when absent."""
     t = tensors.get(key)
     if t is None:
         return None
     if t.dtype not in dtypes or t.shape != (n,):
         raise ShardError(
-            name, f"tensor {key!r} must be [{n}] of {dtypes}, got {t.dtype} {list(t.shape)}"
+            name,
+            f"{key} must be {kind}: tensor {key!r} must be [{n}] of {', '.join(dtypes)}, "
+            f"got {t.dtype} {list(t.shape)}",
         )
     return t.to_numpy().tolist()
 
@@ -408,11 +412,11 @@ def _read_safetensors(
         raise ShardError(
             name, f"latent_format must be one of {LATENT_FORMATS}, got {meta['latent_format']!r}"
         )
-    seeds = _vector(tensors, "seeds", ("I64", "I32", "I16", "I8", "U32", "U16", "U8"), n, name)
+    seeds = _vector(tensors, "seeds", ST_SEED_DTYPES, n, name, "integers")
     cols = {
         "id": _json_list(meta, "ids", n, name),
         "caption": _json_list(meta, "captions", n, name),
-        "sigma": _vector(tensors, "sigmas", _FLOAT_ST, n, name) or [None] * n,
+        "sigma": _vector(tensors, "sigmas", ST_FLOAT_DTYPES, n, name, "floats") or [None] * n,
         "seed": seeds or _json_list(meta, "seeds", n, name),
         "backbone": [meta.get("backbone")] * n,
         "latent_format": [meta.get("latent_format")] * n,
@@ -431,7 +435,7 @@ def _read_parquet(
         table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowException, OSError) as e:
         raise ShardError(name, f"unreadable Parquet ({e})") from None
-    missing = [c for c in ("latent", "shape", "dtype") if c not in table.column_names]
+    missing = [c for c in PARQUET_REQUIRED if c not in table.column_names]
     if missing:
         raise ShardError(name, f"missing columns {missing}; has {table.column_names}")
     if table.num_rows == 0:
@@ -448,15 +452,15 @@ def _read_parquet(
 
 def _row_latent(raw: object, shape: object, dtype: object) -> _Tensor | str:
     """A Parquet row's latent as a [1, ...] view, or why it cannot be decoded."""
-    if dtype not in _PQ_DTYPES:
-        return f"dtype must be one of {sorted(_PQ_DTYPES)}, got {dtype!r}"
+    if dtype not in PARQUET_LATENT_DTYPES:
+        return f"dtype must be one of {sorted(PARQUET_LATENT_DTYPES)}, got {dtype!r}"
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         return f"shape must be a list of non-negative ints, got {shape!r}"
-    need = math.prod(shape) * _ST_DTYPES[_PQ_DTYPES[dtype]][1]
+    need = math.prod(shape) * _ST_DTYPES[PARQUET_LATENT_DTYPES[dtype]][1]
     if not isinstance(raw, bytes) or len(raw) != need:
         got = len(raw) if isinstance(raw, bytes) else "no"
         return f"latent has {got} bytes, shape {shape} {dtype} needs {need}"
-    return _Tensor(_PQ_DTYPES[dtype], (1, *shape), memoryview(raw))
+    return _Tensor(PARQUET_LATENT_DTYPES[dtype], (1, *shape), memoryview(raw))
 
 
 SAFETENSORS_PREFIX_BYTES = 8  # little-endian u64 header length, then the JSON header

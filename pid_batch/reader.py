@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 
 from pid_batch import codecs, storage
-from pid_batch.backbones import CheckpointSpec, resolve_checkpoint
+from pid_batch.backbones import CheckpointSpec
 from pid_batch.backbones.arrays import to_pid_array
 from pid_batch.job import JobConfig
 from pid_batch.layout import Batch, image_sample_id, objects, sample_seed
-from pid_batch.sample_checks import SampleError, net_config_for, validate_latent_shape
+from pid_batch.sample_checks import check_backbone, net_config_for, validate_latent_shape
 from pid_batch.writer import finish_shard
 
 # Columns every stage passes on; the read stage fills them.
@@ -135,13 +135,7 @@ def read_shard(batch: Batch, job: JobConfig, duplicates: Any = None) -> Batch:
                 rows["source_id"][-1] = s.source_id or ""
             else:
                 try:
-                    backbone = s.backbone or spec.backbone
-                    if resolve_checkpoint(backbone, spec.ckpt_type).experiment != spec.experiment:
-                        raise SampleError(
-                            s.id,
-                            f"backbone {backbone!r} needs another checkpoint than this job's "
-                            f"{spec.experiment!r}",
-                        )
+                    backbone = check_backbone(spec, s.backbone, s.id)
                     lq, sigma = to_pid_array(  # a fresh C-contiguous float32 array
                         s.latent,
                         backbone,

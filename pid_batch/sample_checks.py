@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pid_batch.backbones import CheckpointSpec
+from pid_batch.backbones import CheckpointSpec, canonical_backbone
 from pid_batch.config import NetConfig, demo, tiny
 from pid_batch.tiles import DEFAULT_MAX_OUTPUT_MEGAPIXELS, MAX_UNTILED_SIDE, TilePlan
 
@@ -30,6 +30,27 @@ def net_config_for(spec: CheckpointSpec, preset: str) -> NetConfig:
     if preset == "demo":
         return demo(spec.net_config)
     raise ValueError(f"preset={preset!r}; valid: ('full', 'tiny', 'demo')")
+
+
+def check_backbone(spec: CheckpointSpec, backbone: str | None, sample_id: str | None = None) -> str:
+    """The job's backbone, if a sample's own `backbone` is absent or names it (alias, any case).
+
+    A job decodes one backbone with one checkpoint: a sample naming another (known or not) is a
+    SampleError naming both, never a lookup of some other backbone's release.
+    """
+    if backbone is None:
+        return spec.backbone
+    try:
+        same = canonical_backbone(backbone) == spec.backbone
+    except ValueError:  # not a backbone at all
+        same = False
+    if not same:
+        raise SampleError(
+            sample_id,
+            f"backbone {backbone!r} is not this job's backbone {spec.backbone!r} "
+            f"(checkpoint {spec.experiment}); decode other backbones in a job of their own",
+        )
+    return spec.backbone
 
 
 def validate_latent_shape(

@@ -499,7 +499,18 @@ def size(uri: str) -> int:
 
 
 def delete(uri: str, missing_ok: bool = True) -> None:
-    """Delete one file/object."""
+    """Delete one file/object.
+
+    S3 takes a plain DeleteObject: pyarrow's delete_file puts a 0-byte '<parent>/' object in
+    place of a parent prefix it leaves empty (tar runs left `_staging/<shard>/` behind).
+    """
+    kind, path = _split(uri)
+    if kind == "s3":
+        if not missing_ok and version(uri) is None:
+            raise FileNotFoundError(f"no object at {uri}")
+        bucket, key = _bucket_key(path)
+        retry(lambda: _s3_client().delete_object(Bucket=bucket, Key=key), what=f"delete {uri}")
+        return
     fs, path = resolve(uri)
     try:
         retry(lambda: fs.delete_file(path), what=f"delete {uri}")

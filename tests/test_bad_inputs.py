@@ -121,8 +121,8 @@ def write_corpus(inp: Path) -> tuple[dict[str, str], list[str]]:
             "p-nan": r"NaN/Inf",
             "p-inf": r"NaN/Inf",
             "p-empty": r"latent is empty",
-            "p-unknown-backbone": r"no released checkpoint for backbone='dalle9'",
-            "p-other-checkpoint": r"backbone 'sd3' needs another checkpoint",
+            "p-unknown-backbone": r"backbone 'dalle9' is not this job's backbone 'flux'",
+            "p-other-checkpoint": r"backbone 'sd3' is not this job's backbone 'flux'",
             "p-sigma": r"sigma must be a number in \[0, 1\]",
         }
     )
@@ -289,6 +289,32 @@ def test_absurd_but_real_latent_is_refused_before_decode(tmp_path):
     rows = stages.read_shard(batch, job)
     assert list(rows["status"]) == ["error"]
     assert "8192" in rows["error"][0]
+
+
+def test_per_sample_backbone_must_be_the_jobs(tmp_path):
+    """Read stage only (no Ray): a sample naming another backbone is an error row that names
+    its id and both backbones; the job's own name, an alias or another case decodes."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    given = {"own": "flux", "alias": "ZImage", "none": None}
+    given |= {"other-release": "sd3", "no-2k-release": "sdxl", "unknown": "dalle9"}
+    rows = [_row(sid, backbone=b) for sid, b in given.items()]
+    (inp / "b.parquet").write_bytes(_parquet_rows(rows))
+    job = tiny_job(str(inp), str(tmp_path / "out"))  # flux, ckpt_type 2k
+    batch = {
+        "shard": np.array([str(inp / "b.parquet")], dtype=object),
+        "key": np.array(["b.parquet"], dtype=object),
+        "fingerprint": np.array(["f0"], dtype=object),
+        "done_ids": np.array([None], dtype=object),
+    }
+    out = stages.read_shard(batch, job)
+    status = dict(zip(out["id"], out["status"]))
+    error = dict(zip(out["id"], out["error"]))
+    assert {i for i, s in status.items() if s == "pending"} == {"own", "alias", "none"}
+    for sid in ("other-release", "no-2k-release", "unknown"):
+        assert status[sid] == "error"
+        assert error[sid].startswith(f"sample {sid!r}: backbone {given[sid]!r} ")
+        assert "job's backbone 'flux'" in error[sid], error[sid]
 
 
 @pytest.mark.parametrize(

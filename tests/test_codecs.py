@@ -179,6 +179,38 @@ def test_sigma_and_seed_validation():
     assert "sigma must be" in err[2] and "seed must be" in err[2]
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint64])
+def test_seeds_tensor_must_be_integers(dtype):
+    """A float (or uint64, which may not fit int64) seeds tensor: the shard is unreadable, and
+    the one error row says why (a float32 cannot even hold every int64 seed)."""
+    lat = _latents(2)
+    st = {"float32": "F32", "float64": "F64", "uint64": "U64"}[np.dtype(dtype).name]
+    seeds = np.array([1, 2], dtype)
+    data = codecs._safetensors_bytes({"latents": ("F32", lat), "seeds": (st, seeds)}, {})
+    with pytest.raises(ShardError, match=rf"seeds must be integers: .*got {st} \[2\]"):
+        read_shard(data, "s.safetensors")
+
+
+def test_parquet_seed_must_be_an_integer_per_row():
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    raw = _latents(1)[0].tobytes()
+    table = pa.table(
+        {
+            "latent": [raw, raw],
+            "shape": [[4, 6, 5]] * 2,
+            "dtype": ["float32"] * 2,
+            "seed": pa.array([3.0, None], pa.float64()),  # a float column: that row is an error
+        }
+    )
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    samples = read_shard(sink.getvalue().to_pybytes(), "p.parquet")
+    assert "seed must be an integer in int64 range, got 3.0" in samples[0].error
+    assert samples[1].error is None and samples[1].seed is None
+
+
 @pytest.mark.parametrize(
     "data, reason",
     [

@@ -112,3 +112,57 @@ def test_model_constants_have_one_home(what, pattern, home):
         if regex.search(p.read_text())
     )
     assert where == [home], f"{what}: literal found in {where}, expected only in {home}"
+
+
+def readme_table(heading: str) -> dict[str, dict[str, str]]:
+    """The first table under README's `### heading`: {first cell: {column name: cell}}."""
+    lines = README.read_text().split(f"\n### {heading}\n", 1)[1].splitlines()
+    rows: list[list[str]] = []
+    for line in lines:
+        if line.startswith("|"):
+            rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif rows:
+            break
+    header, _rule, *body = rows
+    return {r[0]: dict(zip(header[1:], r[1:], strict=True)) for r in body}
+
+
+def _ticked(text: str) -> set[str]:
+    return set(re.findall(r"`([^`]+)`", text))
+
+
+def test_readme_input_tables_match_what_the_reader_accepts():
+    """README's input tables (one per format) list exactly the dtypes, columns, required
+    columns, latent formats and image suffixes that codecs and the job accept."""
+    import pyarrow as pa
+
+    from pid_batch import codecs, job
+    from pid_batch.backbones import LATENT_FORMATS
+
+    st = readme_table("safetensors shards")
+
+    def dtypes(cell: str) -> set[str]:
+        return _ticked(cell.split("dtype", 1)[1])
+
+    assert dtypes(st["tensor `latents`"]["type"]) == set(codecs.ST_FLOAT_DTYPES)
+    assert dtypes(st["tensor `sigmas`"]["type"]) == set(codecs.ST_FLOAT_DTYPES)
+    assert dtypes(st["tensor `seeds`"]["type"]) == set(codecs.ST_SEED_DTYPES)
+    assert _ticked(st["metadata `latent_format`"]["type"]) == set(LATENT_FORMATS)
+    assert [k for k, row in st.items() if row["required"] == "required"] == ["tensor `latents`"]
+
+    pq = readme_table("Parquet shards")
+    columns = {next(iter(_ticked(k))): row for k, row in pq.items()}
+    schema = codecs.PARQUET_SHARD_SCHEMA
+    assert len(columns) == len(pq) and set(columns) == set(schema.names)
+    for name, row in columns.items():
+        written = re.match(r"`([^`]+)`", row["type"]).group(1)  # 'float32', 'list<int32>'
+        inner = re.fullmatch(r"list<(\w+)>", written)
+        arrow = pa.list_(pa.type_for_alias(inner[1])) if inner else pa.type_for_alias(written)
+        assert arrow == schema.field(name).type, (name, written, schema.field(name).type)
+    assert _ticked(columns["dtype"]["type"].split(":", 1)[1]) == set(codecs.PARQUET_LATENT_DTYPES)
+    assert _ticked(columns["latent_format"]["type"].split(":", 1)[1]) == set(LATENT_FORMATS)
+    required = {name for name, row in columns.items() if row["required"] == "required"}
+    assert required == set(codecs.PARQUET_REQUIRED)
+
+    images = readme_table("Images instead of latents")
+    assert _ticked(images["image file"]["type"]) == set(job.IMAGE_SUFFIXES)

@@ -345,6 +345,27 @@ def test_tar_layout_one_tar_per_shard_and_rerun(local_ray, tmp_path):
     assert {t: storage.read_bytes(t) for t in tars} == before
 
 
+def test_tar_layout_on_s3_leaves_no_directory_markers(local_ray, s3_server, s3_bucket):
+    """After a tar run the bucket holds objects only: no 0-byte `…/` markers (`_staging/<shard>/`)."""
+    import boto3
+
+    inp, out = f"s3://{s3_bucket}/latents", f"s3://{s3_bucket}/out/run-tar"
+    ids = write_shards(inp, shards=2, per_shard=3)
+    job = JobConfig(
+        input=inp,
+        output=out,
+        model=ModelConfig(backbone="flux", ckpt_type="2k", preset="tiny"),
+        images=OutputConfig(image_format="png", layout="tar"),
+        resources=ResourceConfig(batch_size=2, encode_batch_size=2),
+    )
+    assert pipeline.run(job, log=None).exit_code == 0
+    pages = boto3.client("s3", endpoint_url=s3_server).get_paginator("list_objects_v2")
+    keys = [o["Key"] for page in pages.paginate(Bucket=s3_bucket) for o in page.get("Contents", [])]
+    assert [k for k in keys if k.endswith("/")] == []
+    assert not [k for k in keys if "/_staging/" in k]  # every staged part was merged and deleted
+    assert sum(k.endswith(".tar") for k in keys) == 2 and len(ids) == 6
+
+
 def test_actor_pool_grows_under_load(local_ray, tmp_path):
     """min_actors=1, max_actors=2: with a queue of shards the pool starts its second actor."""
     # Each shard is one batch, so one decode task (8 × 300 ms). The pool grows once its first actor is busy;

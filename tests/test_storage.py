@@ -121,6 +121,19 @@ def test_write_read_list_exists_delete(root):
         storage.size(a)
 
 
+def test_s3_delete_leaves_no_directory_marker(s3_server, s3_bucket):
+    """Deleting the last object under a prefix leaves nothing: pyarrow's delete_file would put a
+    0-byte '<prefix>/' marker in its place (seen as `_staging/<shard>/` after tar runs)."""
+    root = f"s3://{s3_bucket}/out"
+    part, other = (storage.join(root, p) for p in ("_staging/k/p0.tar", "keep.json"))
+    storage.write_bytes_atomic(part, b"tar")
+    storage.write_bytes_atomic(other, b"{}")
+    storage.delete(part)
+    listed = boto3.client("s3", endpoint_url=s3_server).list_objects_v2(Bucket=s3_bucket)
+    assert [o["Key"] for o in listed.get("Contents", [])] == ["out/keep.json"]
+    assert not storage.exists(storage.join(root, "_staging"))
+
+
 def test_list_files_returns_uris_in_input_style(tmp_path):
     storage.write_bytes_atomic(str(tmp_path / "d" / "x.bin"), b"1")
     storage.write_bytes_atomic(str(tmp_path / "d" / ".hidden"), b"1")
