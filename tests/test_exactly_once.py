@@ -323,10 +323,10 @@ def test_full_disk_ends_with_a_summary_and_the_rerun_completes(tmp_path):
         env["RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION"] = "0.02"
         cmd = [sys.executable, "-m", "pid_batch.cli", "run", str(spec)]
         first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=300)
-        err = first.stderr.decode()
+        err, summary = first.stderr.decode(), first.stdout.decode()
         assert first.returncode == 1, err[-3000:]
         assert "Traceback" not in err, err[-3000:]
-        assert "No space left on device" in err and "this run: " in err
+        assert "No space left on device" in summary and "this run: " in summary, summary
         filler.unlink()
         rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=300)
         assert rerun.returncode == 0, rerun.stderr.decode()[-3000:]
