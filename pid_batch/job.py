@@ -142,6 +142,10 @@ class OutputConfig:
     quality: int = 95
     # Also decode each latent with the backbone's own VAE into <out>/baseline/ (needs model.vae).
     baseline: bool = False
+    # Layout "tar": a shard's images are cut into tars of at most this many bytes (a tar holds
+    # at least one staged part, so one part larger than this makes a larger tar). 1 GB: the
+    # shard size WebDataset's own tools write and its users expect.
+    tar_max_bytes: int = 10**9
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -152,6 +156,10 @@ class OutputConfig:
             )
         if not 1 <= self.quality <= 100:
             raise JobConfigError(f"output.quality={self.quality!r} must be in 1..100")
+        if not isinstance(self.tar_max_bytes, int) or self.tar_max_bytes < 1:
+            raise JobConfigError(
+                f"images.tar_max_bytes={self.tar_max_bytes!r} must be a positive integer"
+            )
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
@@ -30,14 +31,7 @@ import ray  # noqa: E402
 
 from pid_batch import lease, reader, resume, storage, writer  # noqa: E402
 from pid_batch.job import JobConfig, JobConfigError  # noqa: E402
-from pid_batch.summary import (  # noqa: E402
-    error_reason,
-    format_summary,
-    latest_per_id,
-    orphans,
-    read_timing_parts,
-    summarize,
-)
+from pid_batch.summary import error_reason, format_summary, summarize_output  # noqa: E402
 
 _FORWARDED_ENV = (
     "AWS_ENDPOINT_URL",
@@ -58,6 +52,7 @@ _FORWARDED_ENV = (
 LOCAL_RAY_ENV = {"RAY_idle_worker_killing_time_threshold_ms": "60000"}
 
 DECODE_TASK_RETRIES = 2
+MAX_ERROR_IDS = 100  # failed sample ids a RunResult keeps as examples (the counts are exact)
 READ_CPUS = 0.5  # reads are IO and parsing
 
 
@@ -118,15 +113,26 @@ class RunResult:
     errors: int = 0
     shards_skipped: int = 0
     shards_done: int = 0
+    shards_unfinished: int = 0  # shards whose finishing (tars, compaction, marker) failed
     wall_s: float = 0.0
-    error_ids: list[str] = field(default_factory=list)
+    error_ids: list[str] = field(default_factory=list)  # the first MAX_ERROR_IDS failed ids
     reasons: dict[str, int] = field(default_factory=dict)  # this run's errors (20 reasons at most)
 
     @property
     def exit_code(self) -> int:
         # This run's own errors count too: rows a full disk kept from being written are not in
         # the summary's table.
-        return 1 if self.summary.get("error", 0) or self.errors else 0
+        return 1 if self.summary.get("error", 0) or self.errors or self.shards_unfinished else 0
+
+    def note_reason(self, reason: str) -> None:
+        """Count one of this run's errors under its reason (20 reasons at most)."""
+        if reason in self.reasons or len(self.reasons) < 20:
+            self.reasons[reason] = self.reasons.get(reason, 0) + 1
+
+    def failed(self, ids: list[str]) -> None:
+        """Count failed samples; keep their ids while fewer than MAX_ERROR_IDS are kept."""
+        self.errors += len(ids)
+        self.error_ids += ids[: max(0, MAX_ERROR_IDS - len(self.error_ids))]
 
 
 def check_output(job: JobConfig) -> None:
@@ -215,7 +221,8 @@ def build_dataset(
     ds = ds.map_batches(
         writer.encode_write,
         batch_size=res.encode_batch_size,
-        fn_kwargs={"job": job},
+        # One id per run: a retried encode task names its parts as its first try did.
+        fn_kwargs={"job": job, "run_id": uuid.uuid4().hex},
         num_cpus=res.encode_cpus,
     )
     return ds
@@ -313,10 +320,14 @@ def _run(
     job: JobConfig, plan: resume.Plan, t0: float, log: TextIO | None, init_kwargs: dict
 ) -> RunResult:
     check_output(job)
+    result = RunResult(summary={}, shards_skipped=plan.skipped)
+    if not plan.todo:  # a finished output: no Ray, no actors, only its summary
+        if log:
+            print(f"nothing to do: all {plan.skipped} shards are done", file=log)
+        return _summarize(job, plan, result, t0, log)
     resume.supersede(job, plan.changed)
     ensure_ray(job, **init_kwargs)
     _catch_signals()
-    result = RunResult(summary={}, shards_skipped=plan.skipped)
     try:
         _decode(job, plan, result, log)
     except KeyboardInterrupt as e:  # Ctrl-C before our handler, or Interrupted
@@ -347,11 +358,8 @@ def _decode(job: JobConfig, plan: resume.Plan, result: RunResult, log: TextIO | 
                 result.processed += 1
                 if status != "ok":
                     failed[key] += 1
-                    result.errors += 1
-                    result.error_ids.append(str(sid))
-                    reason = error_reason(error if isinstance(error, str) else None)
-                    if reason in result.reasons or len(result.reasons) < 20:
-                        result.reasons[reason] = result.reasons.get(reason, 0) + 1
+                    result.failed([str(sid)])
+                    result.note_reason(error_reason(error if isinstance(error, str) else None))
                 if seen[key] == int(pending):
                     result.shards_done += 1
                     finished.add(key)
@@ -364,23 +372,31 @@ def _decode(job: JobConfig, plan: resume.Plan, result: RunResult, log: TextIO | 
             if item["key"] not in finished:
                 lost = resume.record_lost(job, item, seen_ids.get(item["key"], set()))
                 result.processed += len(lost)
-                result.errors += len(lost)
-                result.error_ids += lost
+                result.failed(lost)
                 finishing.append(finish.remote(job, item["key"], item["fingerprint"], False))
-        ray.get(
-            finishing
-        )  # tar merges and done markers: off the driver, awaited before the summary
+        # Tar merges, timing compaction and done markers: off the driver, awaited before the
+        # summary. One that fails for good (e.g. a full disk) leaves its shard without a marker:
+        # the run says so and exits non-zero, and a rerun finishes the shard.
+        for ref in finishing:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                cause = e.cause if e.cause is not None else e
+                result.shards_unfinished += 1
+                result.note_reason(
+                    f"finishing a shard failed: {type(cause).__name__}: "
+                    f"{storage.redact(str(cause))[:300]}"
+                )
         progress.close(result)
 
 
 def _summarize(
     job: JobConfig, plan: resume.Plan, result: RunResult, t0: float, log: TextIO | None
 ) -> RunResult:
-    raw = read_timing_parts(job.output)
-    table = latest_per_id(raw, current=plan.current)
     result.wall_s = time.time() - t0
-    result.summary = summarize(
-        table,
+    result.summary = summarize_output(
+        job.output,
+        plan.current,
         run={
             **job.manifest(),
             "this_run": {
@@ -389,10 +405,10 @@ def _summarize(
                 "shards_skipped": result.shards_skipped,
                 "wall_s": round(result.wall_s, 3),
                 "shards_changed": len(plan.changed),
+                "shards_unfinished": result.shards_unfinished,
                 "errors_by_reason": result.reasons,
             },
         },
-        orphans=orphans(raw, plan.current),
     )
     try:
         storage.write_json_atomic(storage.join(job.output, "summary.json"), result.summary)
