@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import resource
 import shutil
@@ -337,7 +338,7 @@ def tar_merge(gbs: list[float], work: Path, image_mb: float = 2.0, per_part: int
     rows = []
     for gb in gbs:
         out = str(work / f"tar-{gb}")
-        parts = max(1, round(gb * 1e9 / (image_mb * MB * per_part)))
+        parts = max(1, math.ceil(gb * 1e9 / (image_mb * MB * per_part)))
         staged = child("stage", {"output": out, "key": "s.safetensors", "parts": parts,
                                  "per_part": per_part, "image_mb": image_mb})  # fmt: skip
         merged = child("merge", {"output": out, "key": "s.safetensors", "cap": 10**9})
@@ -374,6 +375,10 @@ class _ProgressLog(io.TextIOBase):
 
         for m in re.finditer(r"\[pid-batch\] (\d+) samples", s):
             self.points.append((int(m.group(1)), rss_mb(), time.time() - self.t0))
+            n, r, t = self.points[-1]
+            if len(self.points) % 30 == 1:  # a trace while it runs (long runs on busy boxes)
+                print(f"progress {n} samples, driver {r:.1f} MB, {t:.0f} s", file=sys.stderr,
+                      flush=True)  # fmt: skip
         return len(s)
 
 
