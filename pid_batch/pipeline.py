@@ -394,22 +394,24 @@ def _summarize(
     job: JobConfig, plan: resume.Plan, result: RunResult, t0: float, log: TextIO | None
 ) -> RunResult:
     result.wall_s = time.time() - t0
-    result.summary = summarize_output(
-        job.output,
-        plan.current,
-        run={
-            **job.manifest(),
-            "this_run": {
-                "processed": result.processed,
-                "errors": result.errors,
-                "shards_skipped": result.shards_skipped,
-                "wall_s": round(result.wall_s, 3),
-                "shards_changed": len(plan.changed),
-                "shards_unfinished": result.shards_unfinished,
-                "errors_by_reason": result.reasons,
-            },
+    run = {
+        **job.manifest(),
+        "this_run": {
+            "processed": result.processed,
+            "errors": result.errors,
+            "shards_skipped": result.shards_skipped,
+            "wall_s": round(result.wall_s, 3),
+            "shards_changed": len(plan.changed),
+            "shards_unfinished": result.shards_unfinished,
+            "errors_by_reason": result.reasons,
         },
-    )
+    }
+    if ray.is_initialized():  # the aggregation (~28 B per sample, and Arrow's first-use
+        # ~100 MB) runs in a worker: the driver ends with the memory the run needed
+        task = ray.remote(num_cpus=0.5)(summarize_output)
+        result.summary = ray.get(task.remote(job.output, plan.current, run))
+    else:
+        result.summary = summarize_output(job.output, plan.current, run)
     try:
         storage.write_json_atomic(storage.join(job.output, "summary.json"), result.summary)
     except OSError as e:  # e.g. a full disk: the summary still reaches the user
