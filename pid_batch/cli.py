@@ -61,9 +61,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    from pid_batch.summary import format_summary, read_timing, summarize
+    from pid_batch.summary import format_summary, summarize_output
 
-    s = summarize(read_timing(args.output))
+    s = summarize_output(args.output)  # shard by shard: memory ~28 B per sample, not the table
     print(json.dumps(s, indent=2) if args.json else format_summary(s))
     return 0
 

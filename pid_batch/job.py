@@ -194,6 +194,10 @@ class OutputConfig:
     # long side (the encode's long side is target / sr_scale; the short side keeps the aspect
     # ratio, floored to the VAE's crop multiple by the centre crop).
     target_long_side: int | None = None
+    # Layout "tar": a shard's images are cut into tars of at most this many bytes (a tar holds
+    # at least one staged part, so one part larger than this makes a larger tar). 1 GB: the
+    # shard size WebDataset's own tools write and its users expect.
+    tar_max_bytes: int = 10**9
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -207,6 +211,10 @@ class OutputConfig:
         t = self.target_long_side
         if t is not None and (not isinstance(t, int) or isinstance(t, bool) or t <= 0):
             raise JobConfigError(f"images.target_long_side={t!r} must be a positive int (px)")
+        if not isinstance(self.tar_max_bytes, int) or self.tar_max_bytes < 1:
+            raise JobConfigError(
+                f"images.tar_max_bytes={self.tar_max_bytes!r} must be a positive integer"
+            )
 
 
 @dataclass(frozen=True)

@@ -61,8 +61,14 @@ def image_uri(out: str, sample_id: str, fmt: str) -> str:
 
 
 def timing_dir(out: str, key: str) -> str:
-    """<out>/timing/<shard key>/: the shard's timing parts (Parquet)."""
+    """<out>/timing/<shard key>/: the shard's timing parts (Parquet), one per encode batch."""
     return storage.join(out, "timing", key)
+
+
+def timing_uri(out: str, key: str) -> str:
+    """<out>/timing/<shard key>.parquet: the shard's parts compacted into one table once it
+    finishes (writer.compact_timing); its metadata names the parts it absorbed."""
+    return storage.join(out, "timing", f"{key}.parquet")
 
 
 def marker_uri(out: str, key: str) -> str:
@@ -76,8 +82,21 @@ def staging_uri(out: str, key: str, part: str) -> str:
     return storage.join(out, "_staging", key, f"{part}.tar")
 
 
-def tar_uri(out: str, key: str) -> str:
-    """<out>/shards/<shard key>.tar: a finished shard's images (layout "tar")."""
+def tar_uri(out: str, key: str, n: int) -> str:
+    """<out>/shards/<shard key>-<n:06d>.tar: the n-th tar of a shard's images (layout "tar");
+    written once, never rewritten; a shard has as many as its images need at the size cap."""
+    return storage.join(out, "shards", f"{key}-{n:06d}.tar")
+
+
+def claim_uri(out: str, key: str, n: int) -> str:
+    """<out>/_tars/<shard key>/<n:06d>.json: which staged parts make tar n, created (exclusively)
+    before the tar, so concurrent or crashed finishers agree on what each tar holds."""
+    return storage.join(out, "_tars", key, f"{n:06d}.json")
+
+
+def legacy_tar_uri(out: str, key: str) -> str:
+    """<out>/shards/<shard key>.tar: the one tar per shard of outputs written before tars were
+    cut at a size cap; kept as it is (never rewritten), new images go to numbered tars."""
     return storage.join(out, "shards", f"{key}.tar")
 
 

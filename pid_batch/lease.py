@@ -86,6 +86,9 @@ class Lease:
                 holder = json.loads(storage.read_bytes(self.uri))
             except (FileNotFoundError, ValueError):
                 holder = {}
+            if holder.get("token") == self.token:  # ours: a retried create whose first try
+                self.version = have  # landed but whose answer was lost (flaky S3)
+                return
             if not force and not _gone(holder):
                 raise JobConfigError(
                     f"output is being written by another driver: pid {holder.get('pid')} on "

@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
@@ -32,14 +33,7 @@ import ray  # noqa: E402
 
 from pid_batch import lease, reader, resume, storage, writer  # noqa: E402
 from pid_batch.job import JobConfig, JobConfigError  # noqa: E402
-from pid_batch.summary import (  # noqa: E402
-    error_reason,
-    format_summary,
-    latest_per_id,
-    orphans,
-    read_timing_parts,
-    summarize,
-)
+from pid_batch.summary import error_reason, format_summary, summarize_output  # noqa: E402
 
 _FORWARDED_ENV = (
     "AWS_ENDPOINT_URL",
@@ -64,6 +58,7 @@ LOCAL_RAY_ENV = {"RAY_idle_worker_killing_time_threshold_ms": "60000"}
 # (max_task_retries=-1) and offers no named parameter to bound it (`**ray_remote_args` is
 # deprecated), so the run counts the starts itself (RunLedger).
 DECODE_ATTEMPTS = 3
+MAX_ERROR_IDS = 100  # failed sample ids a RunResult keeps as examples (the counts are exact)
 READ_CPUS = 0.5  # reads are IO and parsing
 # Without a terminal, one progress line every this many seconds (`ray job logs --follow`
 # shows each as it comes); in a terminal, Ray Data's own progress bars.
@@ -217,8 +212,9 @@ class RunResult:
     errors: int = 0
     shards_skipped: int = 0
     shards_done: int = 0
+    shards_unfinished: int = 0  # shards whose finishing (tars, compaction, marker) failed
     wall_s: float = 0.0
-    error_ids: list[str] = field(default_factory=list)
+    error_ids: list[str] = field(default_factory=list)  # the first MAX_ERROR_IDS failed ids
     reasons: dict[str, int] = field(default_factory=dict)  # this run's errors (20 reasons at most)
     first_decode_at: float | None = None  # epoch s: the first decode call of this run began
     last_row_at: float | None = None  # epoch s: the last row came back to the driver
@@ -235,7 +231,17 @@ class RunResult:
     def exit_code(self) -> int:
         # This run's own errors count too: rows a full disk kept from being written are not in
         # the summary's table.
-        return 1 if self.summary.get("error", 0) or self.errors else 0
+        return 1 if self.summary.get("error", 0) or self.errors or self.shards_unfinished else 0
+
+    def note_reason(self, reason: str) -> None:
+        """Count one of this run's errors under its reason (20 reasons at most)."""
+        if reason in self.reasons or len(self.reasons) < 20:
+            self.reasons[reason] = self.reasons.get(reason, 0) + 1
+
+    def failed(self, ids: list[str]) -> None:
+        """Count failed samples; keep their ids while fewer than MAX_ERROR_IDS are kept."""
+        self.errors += len(ids)
+        self.error_ids += ids[: max(0, MAX_ERROR_IDS - len(self.error_ids))]
 
 
 def check_output(job: JobConfig) -> None:
@@ -325,7 +331,8 @@ def build_dataset(
     ds = ds.map_batches(
         writer.encode_write,
         batch_size=res.encode_batch_size,
-        fn_kwargs={"job": job},
+        # One id per run: a retried encode task names its parts as its first try did.
+        fn_kwargs={"job": job, "run_id": uuid.uuid4().hex},
         num_cpus=res.encode_cpus,
     )
     return ds
@@ -462,9 +469,7 @@ def _run(
         _decode(job, plan, result, log)
     except KeyboardInterrupt as e:  # Ctrl-C before our handler, or Interrupted
         raise Interrupted(getattr(e, "signum", signal.SIGINT), result.processed) from None
-    if started:
-        ray.shutdown()  # inside the wall time: the command ends when its summary is printed
-    return _summarize(job, plan, result, t0, out)
+    return _summarize(job, plan, result, t0, out, shutdown=started)
 
 
 def _say(log: TextIO | None, message: str) -> None:
@@ -515,11 +520,8 @@ def _decode(job: JobConfig, plan: resume.Plan, result: RunResult, log: TextIO | 
                     result.processed += 1
                     if status != "ok":
                         failed[key] += 1
-                        result.errors += 1
-                        result.error_ids.append(str(sid))
-                        reason = error_reason(error if isinstance(error, str) else None)
-                        if reason in result.reasons or len(result.reasons) < 20:
-                            result.reasons[reason] = result.reasons.get(reason, 0) + 1
+                        result.failed([str(sid)])
+                        result.note_reason(error_reason(error if isinstance(error, str) else None))
                     if seen[key] == int(pending):
                         result.shards_done += 1
                         finished.add(key)
@@ -537,10 +539,21 @@ def _decode(job: JobConfig, plan: resume.Plan, result: RunResult, log: TextIO | 
         if item["key"] not in finished:
             lost = resume.record_lost(job, item, seen_ids.get(item["key"], set()))
             result.processed += len(lost)
-            result.errors += len(lost)
-            result.error_ids += lost
+            result.failed(lost)
             finishing.append(finish.remote(job, item["key"], item["fingerprint"], False))
-    ray.get(finishing)  # tar merges and done markers: off the driver, awaited before the summary
+    # Tar merges, timing compaction and done markers: off the driver, awaited before the
+    # summary. One that fails for good (e.g. a full disk) leaves its shard without a marker:
+    # the run says so and exits non-zero, and a rerun finishes the shard.
+    for ref in finishing:
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            cause = e.cause if e.cause is not None else e
+            result.shards_unfinished += 1
+            result.note_reason(
+                f"finishing a shard failed: {type(cause).__name__}: "
+                f"{storage.redact(str(cause))[:300]}"
+            )
     watch.line(final=True)
 
 
@@ -551,28 +564,35 @@ def _summarize(
     t0: float,
     out: TextIO | None,
     write: bool = True,
+    shutdown: bool = False,
 ) -> RunResult:
     """Summary of the whole output plus this run's own numbers; summary.json unless `write`
-    is False (a rerun with nothing to do writes nothing)."""
-    raw = read_timing_parts(job.output)
-    table = latest_per_id(raw, current=plan.current)
-    result.wall_s = time.time() - t0
+    is False (a rerun with nothing to do writes nothing). With Ray up the aggregation (~28 B per
+    sample, and Arrow's first-use ~100 MB) runs in a worker, so the driver ends with the memory
+    the run needed; a Ray this run started (`shutdown`) is then stopped inside the wall time."""
     this_run: dict[str, Any] = {
         "processed": result.processed,
         "errors": result.errors,
         "shards_skipped": result.shards_skipped,
         "shards_todo": len(plan.todo),
         "nothing_to_do": not plan.todo,
-        "wall_s": round(result.wall_s, 3),
         "shards_changed": len(plan.changed),
+        "shards_unfinished": result.shards_unfinished,
         "errors_by_reason": result.reasons,
     }
     if result.first_decode_at is not None and result.last_row_at is not None:
         this_run["startup_s"] = round(max(0.0, result.first_decode_at - t0), 3)
         this_run["decode_window_s"] = round(result.last_row_at - result.first_decode_at, 3)
-    result.summary = summarize(
-        table, run={**job.manifest(), "this_run": this_run}, orphans=orphans(raw, plan.current)
-    )
+    run = {**job.manifest(), "this_run": this_run}
+    if ray.is_initialized():
+        task = ray.remote(num_cpus=0.5)(summarize_output)
+        result.summary = ray.get(task.remote(job.output, plan.current, run))
+    else:
+        result.summary = summarize_output(job.output, plan.current, run)
+    if shutdown:
+        ray.shutdown()  # the command ends when its summary is printed
+    result.wall_s = time.time() - t0
+    result.summary["run"]["this_run"]["wall_s"] = round(result.wall_s, 3)
     if write:
         try:
             storage.write_json_atomic(storage.join(job.output, "summary.json"), result.summary)

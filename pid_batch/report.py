@@ -6,11 +6,13 @@ local disk or served from any static host (S3 included). No JavaScript, no exter
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import html
 import io
 import json
 import math
+import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from pid_batch import codecs, storage
+from pid_batch import storage
 from pid_batch.summary import error_reason, read_timing, summarize
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -81,8 +83,18 @@ def _pick_samples(out: str, table: pa.Table, max_images: int) -> list[_Sample]:
     baselines = _by_stem(storage.list_files(storage.join(out, "baseline"), IMAGE_SUFFIXES))
     rows: list[_Sample] = []
     if table.num_rows:
-        ok = table.filter(pc.equal(table.column("status"), "ok"))
-        for r in ok.select(["id", "output", "baseline_output", "decode_ms", "bytes"]).to_pylist():
+        ok = table.filter(
+            pc.and_(pc.equal(table.column("status"), "ok"), pc.is_valid(table.column("output")))
+        )
+        has_base = pc.or_(
+            pc.is_valid(ok.column("baseline_output")),
+            pc.is_in(ok.column("id"), value_set=pa.array(list(baselines), pa.string())),
+        )
+        ok = ok.append_column("no_base", pc.invert(has_base))
+        first = ok.sort_by([("no_base", "ascending"), ("id", "ascending")])[: max(0, max_images)]
+        for r in first.select(
+            ["id", "output", "baseline_output", "decode_ms", "bytes"]
+        ).to_pylist():
             if r["output"]:
                 base = r["baseline_output"]
                 rows.append(
@@ -152,7 +164,7 @@ def _nice_bucket_s(span_s: float) -> float:
 def _throughput(table: pa.Table) -> tuple[bytes, float] | None:
     """Images finished per second in time buckets (ok and error stacked), as (PNG, bucket s)."""
     fin = table.column("finished_at").cast(pa.int64()).to_numpy(zero_copy_only=False)
-    ok = np.array(table.column("status").to_pylist(), dtype=object) == "ok"
+    ok = pc.equal(table.column("status"), "ok").to_numpy(zero_copy_only=False).astype(bool)
     if fin.size == 0:
         return None
     t = (fin - fin.min()) / 1000.0
@@ -225,11 +237,15 @@ def _errors_html(table: pa.Table) -> tuple[str, str]:
     errs = table.filter(pc.equal(table.column("status"), "error")) if table.num_rows else table
     if not errs.num_rows:
         return "<p>No errors.</p>", ""
-    rows = errs.select(["id", "shard", "error"]).to_pylist()
+    # Counted in Arrow per distinct message; Python sees each message once, never each row.
+    per_msg = errs.group_by("error", use_threads=False).aggregate(
+        [("id", "count"), ("id", "first")]
+    )
     counts: dict[str, list] = {}
-    for r in rows:
-        entry = counts.setdefault(error_reason(r["error"]), [0, r["id"]])
-        entry[0] += 1
+    for msg, n, example in zip(*(per_msg.column(c).to_pylist() for c in per_msg.column_names)):
+        entry = counts.setdefault(error_reason(msg), [0, example])
+        entry[0] += n
+    rows = errs.select(["id", "shard", "error"])[:MAX_ERROR_ROWS].to_pylist()
     by_reason = "".join(
         f'<tr><td class="num">{n}</td><td>{_esc(reason)}</td><td>{_esc(example)}</td></tr>'
         for reason, (n, example) in sorted(counts.items(), key=lambda kv: -kv[1][0])
@@ -239,10 +255,10 @@ def _errors_html(table: pa.Table) -> tuple[str, str]:
         f'<td class="err">{_esc((r["error"] or "")[:400])}</td></tr>'
         for r in rows[:MAX_ERROR_ROWS]
     )
-    more = len(rows) - MAX_ERROR_ROWS
+    more = errs.num_rows - MAX_ERROR_ROWS
     more_html = f"<p>… and {more} more (see the timing table).</p>" if more > 0 else ""
     return (
-        f'<table id="error-reasons"><caption>errors by reason ({len(rows)} samples)</caption>'
+        f'<table id="error-reasons"><caption>errors by reason ({errs.num_rows} samples)</caption>'
         f"<tr><th>count</th><th>reason</th><th>example id</th></tr>{by_reason}</table>",
         f'<h2>Failed samples</h2><table id="error-rows">'
         f"<tr><th>id</th><th>shard</th><th>error</th></tr>{detail}</table>{more_html}",
@@ -292,16 +308,32 @@ def _card(i: int, s: _Sample, pid: tuple, base: tuple | None) -> tuple[str, dict
     return f'<div class="card"><div class="pair">{"".join(figs)}</div></div>', files
 
 
-@functools.lru_cache(maxsize=4)
-def _tar_members(uri: str) -> dict[str, bytes]:
-    return codecs.read_tar(storage.read_bytes(uri))
+@functools.lru_cache(maxsize=64)
+def _tar_index(uri: str) -> dict[str, tuple[int, int]]:
+    """member → (offset, size) of a tar's files, from its headers alone (seeks over data)."""
+    with storage.open_input(uri) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        return {m.name: (m.offset_data, m.size) for m in tar if m.isfile()}
+
+
+@functools.lru_cache(maxsize=64)
+def _tars_matching(pattern: str) -> tuple[str, ...]:
+    """The tars a row's output names: '<...>/shards/<key>-*.tar' (one of the shard's tars)."""
+    folder, name = pattern.rsplit("/", 1)
+    return tuple(
+        u
+        for u in storage.list_files(folder, (".tar",))
+        if fnmatch.fnmatchcase(u.rsplit("/", 1)[1], name)
+    )
 
 
 def _read_output(uri: str) -> bytes:
-    """An output's bytes: an object, or a member of a shard tar ('<...>.tar:<member>')."""
+    """An output's bytes: an object, or a member of a shard's tars ('<tars>.tar:<member>')."""
     if ".tar:" in uri:
-        tar, member = uri.rsplit(".tar:", 1)
-        return _tar_members(tar + ".tar")[member]
+        tars, member = uri.rsplit(".tar:", 1)
+        for tar in _tars_matching(tars + ".tar"):
+            if (at := _tar_index(tar).get(member)) is not None:
+                return storage.read_range(tar, *at)
+        raise FileNotFoundError(f"no member {member!r} in {tars}.tar")
     return storage.read_bytes(uri)
 
 

@@ -17,17 +17,19 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from pid_batch import codecs, storage
+from pid_batch import codecs, storage, timing
 from pid_batch.job import IMAGE_SUFFIXES, JobConfig, JobConfigError
 from pid_batch.layout import (
     Batch,
     image_sample_id,
+    legacy_tar_uri,
     marker_uri,
     objects,
     relative,
     shard_key,
     tar_uri,
     timing_dir,
+    timing_uri,
 )
 
 
@@ -125,29 +127,44 @@ def _refuse_collisions(names) -> None:
             )
 
 
+PLAN_THREADS = 32  # objects read side by side while planning (each is a round trip)
+
+
 def plan_shards(job: JobConfig) -> Plan:
-    """Which shards to do, from one listing of the input and one of `<out>/_done/`.
+    """Which shards to do, from one listing each of the input, `<out>/_done/` and
+    `<out>/timing/` (the three side by side), then the markers and the unfinished shards' timing
+    rows read in parallel: no step is sequential per shard.
 
     A shard is done when its marker records its current fingerprint (a marker written before
-    fingerprints, with none, is trusted as it is). A shard whose marker or
-    timing rows carry another fingerprint has changed: `job.changed_inputs` says whether it is
-    decoded again (supersede() clears its marker and tar first) or the run is refused. Reads
-    nothing but listings and the timing parts of unfinished shards; writes nothing.
+    fingerprints, with none, is trusted as it is). A shard whose marker or timing rows carry
+    another fingerprint has changed: `job.changed_inputs` says whether it is decoded again
+    (supersede() clears its marker and tars first) or the run is refused. Writes nothing.
     """
-    shards = list_shards(job)
-    marked = _markers(job.output, {s.key for s in shards})
-    todo, changed, skipped = [], [], 0
-    for s in shards:
-        if s.key in marked and marked[s.key] in (None, s.fingerprint):
-            skipped += 1
-            continue
-        ok_ids, other = (
-            ([], True) if s.key in marked else done_ids(job.output, s.key, s.fingerprint)
-        )
-        if other:
-            changed.append(s)
-            ok_ids = []
-        todo.append(s.task(ok_ids))
+    with ThreadPoolExecutor(3) as pool:
+        shards_f = pool.submit(list_shards, job)
+        done_f = pool.submit(_listed_entries, storage.join(job.output, "_done"), (".json",))
+        timing_f = pool.submit(timing.index, job.output)
+        shards, done_listing, rows_index = shards_f.result(), done_f.result(), timing_f.result()
+    marked = _markers(job.output, {s.key for s in shards}, done_listing)
+    open_shards = [
+        s for s in shards if not (s.key in marked and marked[s.key] in (None, s.fingerprint))
+    ]
+
+    def progress(s: Shard) -> tuple[list[str], bool]:
+        if s.key in marked:  # marked with other content: changed, nothing of it counts
+            return [], True
+        if s.key not in rows_index:
+            return [], False
+        return done_ids(job.output, s.key, s.fingerprint, rows_index[s.key])
+
+    todo, changed = [], []
+    if open_shards:
+        with ThreadPoolExecutor(min(PLAN_THREADS, len(open_shards))) as pool:
+            for s, (ok_ids, other) in zip(open_shards, pool.map(progress, open_shards)):
+                if other:
+                    changed.append(s)
+                    ok_ids = []
+                todo.append(s.task(ok_ids))
     if changed and job.changed_inputs == "refuse":
         names = ", ".join(repr(s.uri) for s in changed[:5])
         more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
@@ -155,26 +172,38 @@ def plan_shards(job: JobConfig) -> Plan:
             f"{len(changed)} input shard(s) changed since they were decoded: {names}{more}; "
             "restore them, use a new output prefix, or set changed_inputs: redo"
         )
-    return Plan(shards=shards, todo=todo, skipped=skipped, changed=changed)
+    return Plan(shards=shards, todo=todo, skipped=len(shards) - len(open_shards), changed=changed)
 
 
 def supersede(job: JobConfig, changed: list[Shard]) -> None:
     """Before a changed shard is decoded again, remove what its old content produced: images
-    (layout "files"), tar, staged parts, timing parts, and done markers last, so that a crash
-    half-way leaves a marker or rows that still flag the shard as changed on the next plan."""
+    (layout "files"), tars and their claims, staged parts, timing rows, and done markers last,
+    so that a crash half-way leaves a marker or rows that still flag the shard as changed on the
+    next plan. Shards side by side."""
+    if not changed:
+        return
     out = job.output
-    for s in changed:
+
+    def one(s: Shard) -> None:
+        rows = timing.shard_rows(out, s.key)
+        for col in ("output", "baseline_output"):
+            if rows is None or col not in rows.column_names:
+                continue
+            for rel in rows.column(col).drop_null().to_pylist():
+                if ":" not in rel:  # "shards/<key>-*.tar:<member>" goes with the tars
+                    storage.delete(storage.join(out, rel))
+        claims = _listed(storage.join(out, "_tars", s.key), suffixes=(".json",))
+        for uri in claims:
+            storage.delete(tar_uri(out, s.key, int(uri.rsplit("/", 1)[1][: -len(".json")])))
+        storage.delete(legacy_tar_uri(out, s.key))
         parts = _listed(timing_dir(out, s.key), suffixes=(".parquet",))
-        for uri in parts:
-            t = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
-            for col in ("output", "baseline_output"):
-                for rel in t.column(col).to_pylist() if col in t.column_names else []:
-                    if rel and ":" not in rel:  # "shards/<key>.tar:<member>" goes with the tar
-                        storage.delete(storage.join(out, rel))
-        storage.delete(tar_uri(out, s.key))
-        for uri in _listed(storage.join(out, "_staging", s.key)) + parts:
+        for uri in _listed(storage.join(out, "_staging", s.key)) + claims + parts:
             storage.delete(uri)
+        storage.delete(timing_uri(out, s.key))
         storage.delete(marker_uri(out, s.key))
+
+    with ThreadPoolExecutor(min(PLAN_THREADS, len(changed))) as pool:
+        list(pool.map(one, changed))
 
 
 def _listed(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
@@ -184,19 +213,27 @@ def _listed(uri: str, suffixes: tuple[str, ...] | None = None) -> list[str]:
         return []
 
 
-MARKER_READ_THREADS = 32
+def _listed_entries(uri: str, suffixes: tuple[str, ...]) -> list[storage.Entry]:
+    try:
+        return storage.list_entries(uri, suffixes=suffixes)
+    except FileNotFoundError:
+        return []
 
 
-def _markers(out: str, keys: set[str]) -> dict[str, str | None]:
+def _markers(
+    out: str, keys: set[str], listing: list[storage.Entry] | None = None
+) -> dict[str, str | None]:
     """shard key → the fingerprint its done marker records (None: a marker written before
-    fingerprints), for the given keys; one listing of <out>/_done/, then the markers read side
-    by side (each is a small object; the time is round trips)."""
+    fingerprints), for the given keys; from one listing of <out>/_done/ (given, or made here),
+    then the markers read side by side (each is a small object; the time is round trips)."""
     root = storage.join(out, "_done")
+    if listing is None:
+        listing = _listed_entries(root, (".json",))
     found = {}
-    for uri in _listed(root, suffixes=(".json",)):
-        key = relative(root, uri)[: -len(".json")]
+    for e in listing:
+        key = relative(root, e.uri)[: -len(".json")]
         if key in keys:
-            found[key] = uri
+            found[key] = e.uri
 
     def read(uri: str) -> str | None:
         try:
@@ -206,29 +243,28 @@ def _markers(out: str, keys: set[str]) -> dict[str, str | None]:
 
     if not found:
         return {}
-    with ThreadPoolExecutor(min(MARKER_READ_THREADS, len(found))) as pool:
+    with ThreadPoolExecutor(min(PLAN_THREADS, len(found))) as pool:
         return dict(zip(found, pool.map(read, found.values()), strict=True))
 
 
-def done_ids(out: str, key: str, fp: str | None = None) -> tuple[list[str], bool]:
+def done_ids(
+    out: str, key: str, fp: str | None = None, entries: list[storage.Entry] | None = None
+) -> tuple[list[str], bool]:
     """Ids of a shard with an ok timing row (so their image was written before it), and whether
     any row was made from other content than `fp` (the shard changed; rows written before
-    fingerprints existed count as this content)."""
-    ids: set[str] = set()
-    other = False
-    for uri in _listed(timing_dir(out, key), suffixes=(".parquet",)):
-        t = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
-        fps = (
-            t.column("input_fingerprint").to_pylist()
-            if "input_fingerprint" in t.column_names
-            else [None] * t.num_rows
-        )
-        for sid, st, f in zip(t.column("id").to_pylist(), t.column("status").to_pylist(), fps):
-            if f is not None and fp is not None and f != fp:
-                other = True
-            elif st == "ok":
-                ids.add(sid)
-    return sorted(ids), other
+    fingerprints existed count as this content). entries: the shard's timing.index() entry."""
+    import pyarrow.compute as pc
+
+    t = timing.shard_rows(out, key, entries)
+    if t is None:
+        return [], False
+    f = t.column("input_fingerprint")
+    if fp is not None:
+        other = pc.fill_null(pc.not_equal(f, fp), False)
+        if pc.any(other).as_py():
+            return [], True
+    ok = t.filter(pc.equal(t.column("status"), "ok")).column("id")
+    return sorted(pc.unique(ok).to_pylist()), False
 
 
 def shard_ids(uri: str, key: str | None = None) -> list[str]:

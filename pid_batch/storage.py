@@ -606,11 +606,21 @@ def _put_if(uri: str, data: bytes, etag: str | None) -> bool:
             _s3_client().put_object(Bucket=bucket, Key=key, Body=bytes(data), **cond)
         except Exception as exc:
             if _s3_lost(exc):
-                return False
+                # A put whose answer was lost may have landed; its retry (ours, or botocore's
+                # own) then finds the condition spent. It won if the object holds our bytes.
+                return _holds(uri, data)
             raise
         return True
 
     return retry(_put, what=f"conditional write {uri}")
+
+
+def _holds(uri: str, data: bytes) -> bool:
+    """Whether the object exists and its bytes are exactly `data`."""
+    try:
+        return read_bytes(uri) == data
+    except FileNotFoundError:
+        return False
 
 
 def create_exclusive(uri: str, data: bytes) -> bool:
@@ -662,6 +672,127 @@ def replace_if(uri: str, data: bytes, version: str | None) -> bool:
             return False
         retry(lambda: _write_local_atomic(path, data), what=f"write {uri}")
     return True
+
+
+class NewObject:
+    """An object of any size written piece by piece, appearing whole and only if its name was
+    free: commit() is True when it was created, False when the name existed (nothing written).
+
+    Memory is one chunk. Local: a temp dot-file in the same folder, fsynced, then os.link (which
+    fails if the name exists). S3: a multipart upload of `chunk_bytes` parts completed with
+    If-None-Match: * (one conditional PutObject when it fits one chunk); abort() (or an error in
+    commit) abandons the upload, so nothing partial is ever visible.
+    """
+
+    def __init__(self, uri: str, chunk_bytes: int = CHUNK_BYTES):
+        self.uri, self.kind = uri, _split(uri)[0]
+        path = _split(uri)[1]
+        self.size = 0
+        if self.kind == "s3":
+            self.bucket, self.key = _bucket_key(path)
+            self.chunk_bytes = max(chunk_bytes, 5 << 20)  # S3's smallest part but the last
+            self.buf = bytearray()
+            self.upload_id: str | None = None
+            self.parts: list[dict[str, Any]] = []
+        else:
+            self.path = path
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self.tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.tmp-{os.getpid()}-"
+            self.tmp += secrets.token_hex(4)
+            self.file = open(self.tmp, "xb")  # noqa: SIM115 - closed in commit/abort
+
+    def write(self, data: bytes | memoryview) -> int:
+        """Append data (file-like, so tarfile can stream into it)."""
+        self.size += len(data)
+        if self.kind != "s3":
+            return self.file.write(data)
+        self.buf += data
+        while len(self.buf) >= self.chunk_bytes:
+            self._upload(bytes(self.buf[: self.chunk_bytes]))
+            del self.buf[: self.chunk_bytes]
+        return len(data)
+
+    def _upload(self, body: bytes) -> None:
+        client = _s3_client()
+        if self.upload_id is None:
+            self.upload_id = retry(
+                lambda: client.create_multipart_upload(Bucket=self.bucket, Key=self.key),
+                what=f"start upload {self.uri}",
+            )["UploadId"]
+        number = len(self.parts) + 1
+        etag = retry(
+            lambda: client.upload_part(
+                Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
+                PartNumber=number, Body=body,
+            ),
+            what=f"upload part {number} of {self.uri}",
+        )["ETag"]  # fmt: skip
+        self.parts.append({"ETag": etag, "PartNumber": number})
+
+    def commit(self) -> bool:
+        """Make the object visible if its name is free; False (and nothing written) if not."""
+        if self.kind != "s3":
+            try:
+                self.file.flush()
+                os.fsync(self.file.fileno())
+                self.file.close()
+                try:
+                    os.link(self.tmp, self.path)
+                except FileExistsError:
+                    return False
+            finally:
+                self.abort()
+            _fsync_dir(os.path.dirname(self.path))
+            return True
+        if self.upload_id is None:
+            return _put_if(self.uri, bytes(self.buf), None)
+        try:
+            if self.buf or not self.parts:
+                self._upload(bytes(self.buf))
+            client = _s3_client()
+            done = {"Parts": self.parts}
+
+            def _complete() -> bool:
+                try:
+                    client.complete_multipart_upload(
+                        Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
+                        MultipartUpload=done, IfNoneMatch="*",
+                    )  # fmt: skip
+                except Exception as exc:
+                    if _s3_lost(exc):
+                        return False
+                    raise
+                return True
+
+            created = retry(_complete, what=f"complete upload {self.uri}")
+        except BaseException:
+            self.abort()
+            raise
+        if not created:
+            self.abort()
+        return created
+
+    def abort(self) -> None:
+        """Abandon the write: remove the temp file or abort the multipart upload."""
+        if self.kind != "s3":
+            with contextlib.suppress(OSError):
+                self.file.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.tmp)
+            return
+        if self.upload_id is not None:
+            with contextlib.suppress(Exception):
+                _s3_client().abort_multipart_upload(
+                    Bucket=self.bucket, Key=self.key, UploadId=self.upload_id
+                )
+            self.upload_id = None
+        self.buf = bytearray()
+
+
+def open_input(uri: str):
+    """A readable, seekable file for uri (pyarrow; S3 reads are ranged GETs as you read)."""
+    fs, path = resolve(uri)
+    return retry(lambda: fs.open_input_file(path), what=f"open {uri}")
 
 
 # ---------------------------------------------------------------------------------------------

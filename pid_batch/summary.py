@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import io
 import re
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from pid_batch import storage
+from pid_batch import timing
 
 _PREFIX = re.compile(r"^\S+\[\d+\] id=(?:'[^']*'|\"[^\"]*\"): ")
 
@@ -30,33 +29,58 @@ STAGES = ("read_ms", "queue_ms", "text_ms", "decode_ms", "encode_ms", "write_ms"
 
 
 READ_THREADS = 32
+MAX_REASONS = 1000  # distinct error reasons counted one by one; the rest under OTHER_REASONS
+OTHER_REASONS = "(other reasons)"
 
 
 def read_timing(out: str) -> pa.Table:
-    """All timing parts under `<out>/timing/`, one row per sample (see latest_per_id)."""
+    """All timing rows under `<out>/timing/`, one row per sample (see latest_per_id)."""
     return latest_per_id(read_timing_parts(out))
 
 
 def read_timing_parts(out: str) -> pa.Table:
-    """Every row of every timing part under `<out>/timing/`, as written (attempts repeat)."""
-    from pid_batch.codecs import TIMING_SCHEMA, conform_timing_table
+    """Every row written under `<out>/timing/` (attempts repeat), compacted tables included."""
+    from pid_batch.codecs import TIMING_SCHEMA
 
-    try:
-        parts = storage.list_files(storage.join(out, "timing"), suffixes=(".parquet",))
-    except FileNotFoundError:
-        parts = []
-    if not parts:
+    idx = timing.index(out)
+    if not idx:
         return TIMING_SCHEMA.empty_table()
-    # One part per encode batch (~60,000 for a million samples): read them side by side, the
-    # time is round trips (sequential: 2.3 s for 570 local parts on 2 cores, measured).
-    with ThreadPoolExecutor(min(READ_THREADS, len(parts))) as pool:
-        tables = list(pool.map(_read_part, parts))
-    table = pa.concat_tables(tables, promote_options="default")
-    return conform_timing_table(table)  # parts of older versions lack the newer columns
+    # Shards read side by side: the time is round trips.
+    with ThreadPoolExecutor(min(READ_THREADS, len(idx))) as pool:
+        tables = [t for t in pool.map(lambda kv: timing.shard_rows(out, *kv), idx.items()) if t]
+    if not tables:
+        return TIMING_SCHEMA.empty_table()
+    return pa.concat_tables(tables, promote_options="default")
 
 
-def _read_part(uri: str) -> pa.Table:
-    return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+def summarize_output(
+    out: str, current: dict[str, str] | None = None, run: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """summarize(latest_per_id(...)) of a whole output, one shard at a time: shards are read
+    side by side and each reduced to counts and its ok rows' stage times (float32) at once, so
+    memory is ~28 bytes per sample, never the table. `current` as in latest_per_id."""
+    idx = timing.index(out)
+    keys = sorted(idx)
+    total, gone_rows, gone_shards = _Totals(), 0, 0
+
+    def one(key: str) -> tuple[_Totals, int, bool]:
+        raw = timing.shard_rows(out, key, idx[key])
+        if raw is None:
+            return _Totals(), 0, False
+        table = latest_per_id(raw, current)
+        if current is None:
+            gone = 0
+        else:
+            gone = orphans(raw, current)["rows"]
+        return _Totals.of(table), gone, gone > 0
+
+    if keys:
+        with ThreadPoolExecutor(min(READ_THREADS, len(keys))) as pool:
+            for part, gone, any_gone in pool.map(one, keys):
+                total.merge(part)
+                gone_rows += gone
+                gone_shards += any_gone
+    return total.render(run, {"rows": gone_rows, "shards": gone_shards})
 
 
 def _current_mask(table: pa.Table, current: dict[str, str]) -> pa.ChunkedArray:
@@ -112,6 +136,8 @@ def latest_per_id(table: pa.Table, current: dict[str, str] | None = None) -> pa.
     keep &= ~((index < 0) & read[code])
     ok = pc.equal(table.column("status"), "ok").to_numpy(zero_copy_only=False).astype(np.int8)
     rows = np.nonzero(keep)[0]
+    if rows.size == 0:  # e.g. a shard no longer in the input
+        return table.slice(0, 0)
     order = rows[np.lexsort((fin[rows], ok[rows], index[rows], code[rows]))]
     last_of_group = np.r_[
         (code[order][1:] != code[order][:-1]) | (index[order][1:] != index[order][:-1]), True
@@ -128,64 +154,128 @@ def _pct(values: np.ndarray) -> dict[str, float]:
         "p50": round(float(p50), 3),
         "p95": round(float(p95), 3),
         "p99": round(float(p99), 3),
-        "mean": round(float(values.mean()), 3),
+        "mean": round(float(values.mean(dtype=np.float64)), 3),
     }
+
+
+_PREFIXED = ("decode failed", "write failed", "shard unreadable")
+
+
+def _floats(col: pa.ChunkedArray) -> np.ndarray:
+    """A numeric column as float32, nulls as NaN."""
+    return pc.fill_null(col.cast(pa.float32()), float("nan")).to_numpy()
+
+
+def _counts(values: pa.ChunkedArray | pa.Array) -> dict[Any, int]:
+    """value → count, counted in Arrow (Python sees each distinct value once)."""
+    vc = pc.value_counts(values)
+    return dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist()))
+
+
+class _Totals:
+    """What a summary needs of deduplicated timing rows, mergeable across shards: counts, error
+    reasons (at most MAX_REASONS distinct), time span, bytes, ok rows' stage times (float32)."""
+
+    def __init__(self) -> None:
+        self.samples = self.ok = self.bytes = 0
+        self.errors: dict[str, int] = {}
+        self.first: int | None = None  # started_at of the earliest ok row, ms
+        self.last: int | None = None  # finished_at of the latest ok row, ms
+        self.stages: dict[str, list[np.ndarray]] = defaultdict(list)
+        self.decode_by_acc: dict[str, list[np.ndarray]] = defaultdict(list)
+        self.resolutions: dict[str, int] = defaultdict(int)
+
+    @classmethod
+    def of(cls, table: pa.Table) -> _Totals:
+        t = cls()
+        t.samples = table.num_rows
+        if not t.samples:
+            return t
+        status = table.column("status")
+        err = pc.fill_null(table.filter(pc.equal(status, "error")).column("error"), "unknown")
+        if len(err):
+            prefixed = pc.or_(
+                pc.or_(pc.starts_with(err, _PREFIXED[0]), pc.starts_with(err, _PREFIXED[1])),
+                pc.starts_with(err, _PREFIXED[2]),
+            )
+            head = pc.list_element(pc.split_pattern(err, ":", max_splits=1), 0)
+            t._add_errors(_counts(pc.if_else(prefixed, head, err)))
+        okt = table.filter(pc.equal(status, "ok"))
+        t.ok = okt.num_rows
+        if not t.ok:
+            return t
+        t.first = pc.min(okt.column("started_at").cast(pa.int64())).as_py()
+        t.last = pc.max(okt.column("finished_at").cast(pa.int64())).as_py()
+        t.bytes = int(pc.sum(okt.column("bytes")).as_py() or 0)
+        for s in STAGES:
+            if s in okt.column_names:
+                t.stages[s].append(_floats(okt.column(s)))
+        acc = okt.column("accelerator")
+        for a in pc.unique(acc.drop_null()).to_pylist():
+            t.decode_by_acc[a].append(_floats(okt.filter(pc.equal(acc, a)).column("decode_ms")))
+        wh = pc.binary_join_element_wise(
+            okt.column("width").cast(pa.string()), okt.column("height").cast(pa.string()), "x"
+        )
+        for k, v in _counts(wh).items():
+            t.resolutions[k] += v
+        return t
+
+    def _add_errors(self, counts: dict[str, int]) -> None:
+        for reason, n in counts.items():
+            if reason not in self.errors and len(self.errors) >= MAX_REASONS:
+                reason = OTHER_REASONS
+            self.errors[reason] = self.errors.get(reason, 0) + n
+
+    def merge(self, o: _Totals) -> None:
+        self.samples += o.samples
+        self.ok += o.ok
+        self.bytes += o.bytes
+        self._add_errors(o.errors)
+        if o.first is not None:
+            self.first = o.first if self.first is None else min(self.first, o.first)
+            self.last = o.last if self.last is None else max(self.last, o.last)
+        for k, v in o.stages.items():
+            self.stages[k] += v
+        for k, v in o.decode_by_acc.items():
+            self.decode_by_acc[k] += v
+        for k, v in o.resolutions.items():
+            self.resolutions[k] += v
+
+    def render(
+        self, run: dict[str, Any] | None = None, orphans: dict[str, int] | None = None
+    ) -> dict[str, Any]:
+        summary: dict[str, Any] = {
+            "samples": self.samples,
+            "ok": self.ok,
+            "error": self.samples - self.ok,
+            "errors_by_reason": dict(sorted(self.errors.items(), key=lambda kv: -kv[1])[:50]),
+        }
+        if self.ok:
+            if self.first is not None and self.last is not None:  # rows without times: none
+                span_s = max(1e-3, (self.last - self.first) / 1000)
+                summary["wall_s"] = round(span_s, 3)
+                summary["images_per_s"] = round(self.ok / span_s, 3)
+            summary["output_bytes"] = self.bytes
+            summary["stages_ms"] = {s: _pct(np.concatenate(v)) for s, v in self.stages.items()}
+            summary["per_accelerator"] = {
+                a: {"ok": int(sum(len(x) for x in v)), "decode_ms": _pct(np.concatenate(v))}
+                for a, v in sorted(self.decode_by_acc.items())
+            }
+            summary["resolutions"] = dict(self.resolutions)
+        if orphans and orphans.get("rows"):
+            summary["orphaned"] = orphans
+        if run:
+            summary["run"] = run
+        return summary
 
 
 def summarize(
     table: pa.Table, run: dict[str, Any] | None = None, orphans: dict[str, int] | None = None
 ) -> dict[str, Any]:
     """Job summary from a deduplicated timing table (see read_timing); `orphans`: rows left by
-    inputs that no longer exist or changed, reported apart and not counted as samples."""
-    n = table.num_rows
-    status = np.array(table.column("status").to_pylist(), dtype=object) if n else np.array([])
-    ok_mask = status == "ok"
-    errors: dict[str, int] = {}
-    for e in table.filter(pc.equal(table.column("status"), "error")).column("error").to_pylist():
-        reason = (
-            (e or "unknown").split(":")[0]
-            if e and e.startswith(("decode failed", "write failed", "shard unreadable"))
-            else (e or "unknown")
-        )
-        errors[reason] = errors.get(reason, 0) + 1
-    summary: dict[str, Any] = {
-        "samples": n,
-        "ok": int(ok_mask.sum()),
-        "error": int(n - ok_mask.sum()),
-        "errors_by_reason": dict(sorted(errors.items(), key=lambda kv: -kv[1])[:50]),
-    }
-    if n and ok_mask.any():
-        okt = table.filter(pc.equal(table.column("status"), "ok"))
-        started = okt.column("started_at").cast(pa.int64()).to_numpy(zero_copy_only=False)
-        finished = okt.column("finished_at").cast(pa.int64()).to_numpy(zero_copy_only=False)
-        span_s = max(1e-3, (finished.max() - started.min()) / 1000)
-        summary["wall_s"] = round(span_s, 3)
-        summary["images_per_s"] = round(okt.num_rows / span_s, 3)
-        summary["output_bytes"] = int(pc.sum(okt.column("bytes")).as_py() or 0)
-        summary["stages_ms"] = {
-            s: _pct(okt.column(s).to_numpy(zero_copy_only=False).astype(np.float64))
-            for s in STAGES
-            if s in okt.column_names
-        }
-        per_acc: dict[str, Any] = {}
-        for acc in sorted(set(okt.column("accelerator").to_pylist()) - {None}):
-            sub = okt.filter(pc.equal(okt.column("accelerator"), acc))
-            per_acc[acc] = {
-                "ok": sub.num_rows,
-                "decode_ms": _pct(
-                    sub.column("decode_ms").to_numpy(zero_copy_only=False).astype(np.float64)
-                ),
-            }
-        summary["per_accelerator"] = per_acc
-        res = {}
-        for h, w in zip(okt.column("height").to_pylist(), okt.column("width").to_pylist()):
-            res[f"{w}x{h}"] = res.get(f"{w}x{h}", 0) + 1
-        summary["resolutions"] = res
-    if orphans and orphans.get("rows"):
-        summary["orphaned"] = orphans
-    if run:
-        summary["run"] = run
-    return summary
+    inputs that no longer exist or changed, reported apart and not counted as samples.
+    Aggregated in Arrow: no Python object per row."""
+    return _Totals.of(table).render(run, orphans)
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -225,8 +315,11 @@ def format_summary(s: dict[str, Any]) -> str:
                 )
     for reason, count in s.get("errors_by_reason", {}).items():
         lines.append(f"  error x{count}: {reason}")
-    if this.get("errors"):
-        lines.append(f"this run's errors ({this['errors']}):")
+    if this.get("errors") or this.get("shards_unfinished"):
+        line = f"this run's errors ({this['errors']})"
+        if this.get("shards_unfinished"):
+            line += f"; {this['shards_unfinished']} shards not finished (rerun to finish them)"
+        lines.append(line + ":")
         for reason, count in this.get("errors_by_reason", {}).items():
             lines.append(f"  error x{count}: {reason}")
     if note := s.get("summary_not_written"):

@@ -1,14 +1,19 @@
 """Write side (CPU tasks): encode and write images, timing rows, tar parts, per-shard finish.
 
 Layout "files": one object per image. Layout "tar": each encode task stages its images of a
-shard as one tar part; finish_shard merges them into <out>/shards/<shard>.tar and then writes
-the shard's done marker. Torch-free: Ray's encode/finish workers import only this.
+shard as one tar part; finish_shard streams the parts into new tars <out>/shards/<shard>-NNNNNN.tar
+of at most images.tar_max_bytes (memory: one chunk, never the shard), compacts the shard's
+timing parts into <out>/timing/<shard>.parquet, then writes the done marker. Torch-free: Ray's
+encode/finish workers import only this.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
+import json
+import tarfile
 import time
 import uuid
 from collections import defaultdict
@@ -17,11 +22,12 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from pid_batch import codecs, storage
+from pid_batch import codecs, storage, timing
 from pid_batch.job import JobConfig
 from pid_batch.layout import (
     Batch,
     cell_str,
+    claim_uri,
     image_uri,
     marker_uri,
     objects,
@@ -32,11 +38,13 @@ from pid_batch.layout import (
 )
 
 
-def encode_write(batch: Batch, job: JobConfig) -> Batch:
+def encode_write(batch: Batch, job: JobConfig, run_id: str | None = None) -> Batch:
     """Encode and write each ok image, then the batch's timing rows (rows last, after images).
 
     Layout "files": one object per image. Layout "tar": the batch's images of each shard go
-    into one staged tar part, merged into <out>/shards/<shard>.tar when the shard completes.
+    into one staged tar part, streamed into the shard's tars when the shard completes.
+    run_id: this run's id; a task Ray retries names its parts as the first try did (the same
+    run and ids), so a retry overwrites its parts instead of staging a sample twice.
     """
     out = job.output
     fmt, quality = job.images.image_format, job.images.quality
@@ -59,7 +67,7 @@ def encode_write(batch: Batch, job: JobConfig) -> Batch:
                 t1 = time.perf_counter()
                 if tar:
                     staged[key] += codecs.sample_members(sid, ext, data, _member_meta(row))
-                    output = f"shards/{key}.tar:{codecs.tar_key(sid)}.{ext}"
+                    output = f"{TAR_OUTPUT.format(key=key)}:{codecs.tar_key(sid)}.{ext}"
                 else:
                     uri = image_uri(out, sid, fmt)
                     storage.write_bytes_atomic(uri, data)
@@ -81,7 +89,7 @@ def encode_write(batch: Batch, job: JobConfig) -> Batch:
                 if tar:
                     member = f"{codecs.tar_key(sid)}.baseline.{ext}"
                     staged[key].append((member, data))
-                    row["baseline_output"] = f"shards/{key}.tar:{member}"
+                    row["baseline_output"] = f"{TAR_OUTPUT.format(key=key)}:{member}"
                 else:
                     uri = storage.join(out, "baseline", f"{sid}.{ext}")
                     storage.write_bytes_atomic(uri, data)
@@ -92,11 +100,15 @@ def encode_write(batch: Batch, job: JobConfig) -> Batch:
         row["status"], row["error"] = status[i], error[i]
         row["finished_at"] = _ts(time.time())
         rows.append(row)
-    part = uuid.uuid4().hex[:16]
+    by_shard: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_shard[r["shard"]].append(r)
+    run = run_id if run_id is not None else uuid.uuid4().hex
+    part = {k: _part_name(run, [r["id"] for r in rs]) for k, rs in by_shard.items()}
     for key, members in staged.items():  # staged tar parts first: rows must follow their images
         t0 = time.perf_counter()
         try:  # write_bytes_atomic retries transient errors; what is left is permanent
-            storage.write_bytes_atomic(staging_uri(out, key, part), codecs.build_tar(members))
+            storage.write_bytes_atomic(staging_uri(out, key, part[key]), codecs.build_tar(members))
         except Exception as e:
             _fail(rows, status, error, key, f"write failed: {_reason(e)}")
             continue
@@ -104,18 +116,20 @@ def encode_write(batch: Batch, job: JobConfig) -> Batch:
         for r in rows:
             if r["shard"] == key and r["status"] == "ok":
                 r["write_ms"] = share
-    by_shard: dict[str, list[dict]] = defaultdict(list)
-    for r in rows:
-        by_shard[r["shard"]].append(r)
     for key, part_rows in by_shard.items():
         buf = io.BytesIO()
         pq.write_table(codecs.timing_table(part_rows), buf)
         try:
             storage.write_bytes_atomic(
-                storage.join(timing_dir(out, key), f"part-{part}.parquet"), buf.getvalue()
+                storage.join(timing_dir(out, key), f"part-{part[key]}.parquet"), buf.getvalue()
             )
         except Exception as e:  # no row on disk: the returned rows carry the reason instead
             _fail(rows, status, error, key, f"timing write failed: {_reason(e)}", every=True)
+            if key in staged:  # images without a row would reach a tar and be staged again
+                try:
+                    storage.delete(staging_uri(out, key, part[key]))
+                except Exception:
+                    pass  # left staged: merged as a duplicate name, which the tar keeps once
     return {
         "id": np.asarray(batch["id"], dtype=object),
         "shard": np.asarray(batch["shard"], dtype=object),
@@ -127,6 +141,18 @@ def encode_write(batch: Batch, job: JobConfig) -> Batch:
             batch.get("decode_started_at", np.zeros(n)), dtype=np.float64
         ),
     }
+
+
+# A tar-layout row's output: the member's name within the shard's tars ("<this>:<member>").
+TAR_OUTPUT = "shards/{key}-*.tar"
+
+
+def _part_name(run_id: str, ids: list[str]) -> str:
+    """A staged/timing part's name: the same for a retried task (same run, same samples)."""
+    h = hashlib.sha256(run_id.encode())
+    for sid in sorted(ids):
+        h.update(b"\0" + sid.encode("utf-8", "surrogatepass"))
+    return h.hexdigest()[:16]
 
 
 def _reason(exc: BaseException) -> str:
@@ -157,50 +183,131 @@ def _member_meta(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def assemble_tar(job: JobConfig, key: str, attempts: int = 20) -> int:
-    """Merge a shard's staged parts into <out>/shards/<shard>.tar; the number of members.
+COPY_BYTES = 1 << 20  # a tar member is copied through a buffer this size
 
-    The final tar is the union of what it held and the parts read now, written with a
-    compare-and-swap on its version: a finisher that raced another re-reads and retries, so no
-    member is dropped. Only the parts merged into a written tar are deleted, after the write; a
-    crash in between merges them again (same names, kept once).
+
+def assemble_tar(job: JobConfig, key: str, attempts: int = 20) -> int:
+    """Stream a shard's staged parts into new tars; how many members this call wrote.
+
+    Parts are packed, in name order, into groups of at most images.tar_max_bytes. Each group
+    is claimed (<out>/_tars/<key>/<n>.json, created only if absent) before tar n is written, so
+    two finishers never put one part in two tars; tar n is created only if absent, never
+    rewritten; a part is deleted only after the tar holding it exists. A claim whose tar is
+    missing (its finisher died) is completed from its parts by the next finisher.
+    Memory: one copy buffer and one upload chunk, whatever the shard's size.
     """
-    out = job.output
-    final = tar_uri(out, key)
+    out, cap = job.output, job.images.tar_max_bytes
+    seen: set[str] = set()  # member names written by this call: a sample staged twice goes once
+    written = 0
     for _ in range(attempts):
-        before = storage.version(final)
-        members: dict[str, bytes] = {}
-        if before is not None:
-            try:
-                members.update(codecs.read_tar(storage.read_bytes(final)))
-            except FileNotFoundError:
-                continue  # replaced or removed since version(): read again
-        parts = storage.list_files(storage.join(out, "_staging", key), suffixes=(".tar",))
-        merged = []
-        for uri in parts:
-            try:
-                data = storage.read_bytes(uri)
-            except FileNotFoundError:
-                continue  # another finisher merged and deleted it: it is in the tar it wrote
-            for name, payload in codecs.read_tar(data).items():
-                members.setdefault(name, payload)  # a retried task may have staged a sample twice
-            merged.append(uri)
-        if not merged:
-            if storage.version(final) == before:
-                return len(members)
-            continue
-        if storage.replace_if(final, codecs.build_tar(sorted(members.items())), before):
-            for uri in merged:
-                storage.delete(uri)
-            return len(members)
-    raise RuntimeError(f"tar for shard {key!r} kept changing under {attempts} merge attempts")
+        claims = _claims(out, key)
+        for n, parts in sorted(claims.items()):
+            if not storage.exists(tar_uri(out, key, n)):
+                written += _write_tar(out, key, n, parts, seen)
+            _delete_parts(out, key, parts)
+        claimed = {p for parts in claims.values() for p in parts}
+        free = [e for e in _staged(out, key) if _part_of(e.uri) not in claimed]
+        if not free:
+            return written
+        n = max(claims, default=-1) + 1
+        for group in _pack(free, cap):
+            names = [_part_of(e.uri) for e in group]
+            if not storage.create_exclusive(claim_uri(out, key, n), json.dumps(names).encode()):
+                break  # another finisher claimed n first: read the claims again
+            written += _write_tar(out, key, n, names, seen)
+            _delete_parts(out, key, names)
+            n += 1
+    raise RuntimeError(f"tars of shard {key!r} kept changing under {attempts} finishing attempts")
+
+
+def _claims(out: str, key: str) -> dict[int, list[str]]:
+    """tar number → the staged part names it holds, from <out>/_tars/<key>/."""
+    root = storage.join(out, "_tars", key)
+    try:
+        uris = storage.list_files(root, suffixes=(".json",), recursive=False)
+    except FileNotFoundError:
+        return {}
+    return {int(u.rsplit("/", 1)[1][: -len(".json")]): storage.read_json(u) for u in uris}
+
+
+def _staged(out: str, key: str) -> list[storage.Entry]:
+    try:
+        return storage.list_entries(storage.join(out, "_staging", key), suffixes=(".tar",))
+    except FileNotFoundError:
+        return []
+
+
+def _part_of(uri: str) -> str:
+    return uri.rsplit("/", 1)[1][: -len(".tar")]
+
+
+def _pack(entries: list[storage.Entry], cap: int) -> list[list[storage.Entry]]:
+    """Consecutive groups of at most `cap` bytes (a part larger than cap is a group alone)."""
+    groups: list[list[storage.Entry]] = []
+    size = 0
+    for e in entries:
+        if not groups or size + e.size > cap:
+            groups.append([])
+            size = 0
+        groups[-1].append(e)
+        size += e.size
+    return groups
+
+
+class _PartGone(Exception):
+    """A claimed part is no longer staged: its tar has been written by another finisher."""
+
+
+def _write_tar(out: str, key: str, n: int, parts: list[str], seen: set[str]) -> int:
+    """Create tar n from `parts`, member by member; 0 when a part is gone (a part is deleted
+    only once the tar holding it exists, so another finisher has written tar n)."""
+    dest = storage.NewObject(tar_uri(out, key, n))
+    added: set[str] = set()
+    try:
+        with tarfile.open(
+            fileobj=dest, mode="w|", format=tarfile.PAX_FORMAT, bufsize=COPY_BYTES
+        ) as tar:
+            tar.copybufsize = COPY_BYTES
+            for part in parts:
+                _copy_members(staging_uri(out, key, part), tar, seen, added)
+        created = dest.commit()
+    except _PartGone:
+        dest.abort()
+        return 0
+    except BaseException:
+        dest.abort()
+        raise
+    if not created:
+        return 0  # another finisher created it first, from the same parts
+    seen.update(added)
+    return len(added)
+
+
+def _copy_members(uri: str, tar: tarfile.TarFile, seen: set[str], added: set[str]) -> None:
+    """Stream a staged part's members into `tar`, skipping names already written."""
+    try:
+        src = storage.open_input(uri)
+    except FileNotFoundError:
+        raise _PartGone(uri) from None
+    with src, tarfile.open(fileobj=src, mode="r|", bufsize=COPY_BYTES) as staged:
+        staged.copybufsize = COPY_BYTES
+        for m in staged:
+            if m.isfile() and m.name not in seen and m.name not in added:
+                tar.addfile(m, staged.extractfile(m))
+                added.add(m.name)
+
+
+def _delete_parts(out: str, key: str, parts: list[str]) -> None:
+    for part in parts:
+        storage.delete(staging_uri(out, key, part))
 
 
 def finish_shard(job: JobConfig, key: str, fingerprint: str, all_ok: bool) -> None:
-    """A shard whose rows are all in: merge its tar (tar layout), then, when every sample is
-    ok, its done marker for this content of the input, last."""
+    """A shard whose rows are all in: stream its staged images into tars (tar layout), compact
+    its timing parts, then, when every sample is ok, its done marker for this content, last."""
     if job.images.layout == "tar":
         assemble_tar(job, key)
+    timing.compact(job.output, key)
     if all_ok:
         storage.write_json_atomic(
             marker_uri(job.output, key), {"shard": key, "fingerprint": fingerprint}

@@ -99,3 +99,29 @@ def test_gpu_check_smoke(tmp_path):
     assert report["card"] == "cpu" and len(report["rows"]) == 4
     compiled = [r for r in report["rows"] if r["mode"] == "compiled"]
     assert [r["max_abs_diff_vs_eager"] for r in compiled] == [0, 0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_scale_bench_smoke(tmp_path):
+    """benchmarks/scale_bench.py --smoke: every part runs, small, and reports what it measured."""
+    out = tmp_path / "scale.json"
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "scale_bench.py"), "--smoke", "--json",
+         str(out), "--work-dir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=580, cwd=ROOT,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert {(c["backend"], c["samples"]) for c in rep["control"]} == {
+        (b, n) for b in ("local", "s3") for n in (1000, 4000)
+    }
+    for c in rep["control"]:
+        assert c["summary_rows"] == c["samples"] and c["plan_resume_todo"] == c["shards"] // 10
+        assert c["plan_fresh_s"] > 0 and c["summary_peak_rss_mb"] > 0
+    (tar,) = rep["tar"]
+    assert tar["members"] == 2 * 32 * tar["parts"] and tar["peak_rss_mb"] <= tar["target_mb"]
+    run = rep["run"]
+    assert run["ok"] == run["samples"] == 2000 and run["spilled_bytes"] == 0
+    assert run["driver_rss_end_mb"] > 0 and run["driver_rss_early_mb"] > 0
+    assert "plan fresh" in r.stdout  # the side-by-side table

@@ -67,3 +67,35 @@ def test_race_exactly_one_wins(base):
     winners = [i for i, ok in swaps if ok]
     assert len(winners) == 1
     assert storage.read_bytes(uri) == f"w{winners[0]}".encode()
+
+
+@pytest.mark.timeout(60)
+def test_a_put_that_landed_but_lost_its_answer_still_wins(s3_bucket, monkeypatch):
+    """The first PutObject lands but the client sees a reset; the retry finds the condition
+    spent (412). The write is ours — same bytes — so it won, and a rival with other bytes lost."""
+    real = storage._s3_client
+
+    class LosesFirstAnswer:
+        def __init__(self):
+            self.client, self.lost = real(), 0
+
+        def put_object(self, **kw):
+            self.client.put_object(**kw)
+            if self.lost == 0:
+                self.lost += 1
+                raise ConnectionResetError("connection reset by peer")
+            return self.client.put_object(**kw)
+
+        def __getattr__(self, name):
+            return getattr(self.client, name)
+
+    flaky = LosesFirstAnswer()
+    monkeypatch.setattr(storage, "_s3_client", lambda: flaky)
+    uri = f"s3://{s3_bucket}/p/lease.json"
+    assert storage.create_exclusive(uri, b"mine")
+    assert flaky.lost == 1 and storage.read_bytes(uri) == b"mine"
+    assert not storage.create_exclusive(uri, b"theirs")  # a rival's bytes: it really lost
+    version = storage.version(uri)
+    flaky.lost = 0
+    assert storage.replace_if(uri, b"mine, renewed", version)
+    assert storage.read_bytes(uri) == b"mine, renewed"

@@ -17,29 +17,40 @@ def _stage(out: str, key: str, part: str, ids: list[str]) -> None:
     storage.write_bytes_atomic(staging_uri(out, key, part), codecs.build_tar(members))
 
 
+def _shard_tars(out: str, key: str) -> list[str]:
+    return storage.list_files(storage.join(out, "shards"), suffixes=(".tar",))
+
+
+def _members(out: str, key: str) -> list[str]:
+    names = []
+    for t in _shard_tars(out, key):
+        names += list(codecs.read_tar(storage.read_bytes(t)))  # read_tar refuses repeats
+    return names
+
+
 @pytest.mark.timeout(60)
 def test_concurrent_finishers_keep_every_member(tmp_path, monkeypatch):
-    """Finisher A lists fewer parts, B finishes first; A's late write must not drop B's members."""
+    """Finisher A claims fewer parts and pauses before writing its tar; B finishes first (and
+    completes A's claim); A's late write must neither drop nor repeat a member."""
     out, key = str(tmp_path / "out"), "k.safetensors"
-    job = SimpleNamespace(output=out, images=SimpleNamespace(layout="tar"))
+    job = SimpleNamespace(output=out, images=SimpleNamespace(layout="tar", tar_max_bytes=10**9))
     _stage(out, key, "p1", ["a0", "a1"])
-    a_built, b_done = threading.Event(), threading.Event()
-    build_tar = codecs.build_tar
-    marker_saw: list[set[str]] = []
+    a_claimed, b_done = threading.Event(), threading.Event()
+    write_tar = writer._write_tar
+    marker_saw: list[list[str]] = []
     write_json = storage.write_json_atomic
 
-    def slow_build(members):  # A pauses between reading its parts and writing the tar
-        data = build_tar(members)
-        if threading.current_thread().name == "A" and not a_built.is_set():
-            a_built.set()
+    def slow_write(*args):  # A pauses between claiming its parts and writing their tar
+        if threading.current_thread().name == "A" and not a_claimed.is_set():
+            a_claimed.set()
             assert b_done.wait(30)
-        return data
+        return write_tar(*args)
 
-    def record_marker(uri, obj):  # what the final tar holds when a marker is written
-        marker_saw.append(set(codecs.read_tar(storage.read_bytes(tar_uri(out, key)))))
+    def record_marker(uri, obj):  # what the shard's tars hold when a marker is written
+        marker_saw.append(_members(out, key))
         write_json(uri, obj)
 
-    monkeypatch.setattr(codecs, "build_tar", slow_build)
+    monkeypatch.setattr(writer, "_write_tar", slow_write)
     monkeypatch.setattr(storage, "write_json_atomic", record_marker)
     errors: list[BaseException] = []
 
@@ -51,20 +62,23 @@ def test_concurrent_finishers_keep_every_member(tmp_path, monkeypatch):
 
     a = threading.Thread(target=run_a, name="A")
     a.start()
-    assert a_built.wait(30)
+    assert a_claimed.wait(30)
     _stage(out, key, "p2", ["b0", "b1"])  # a later encode task's part, seen only by B
     writer.finish_shard(job, key, "fp", all_ok=True)
     b_done.set()
     a.join(30)
     assert not errors, errors
     want = {f"{i}.{ext}" for i in ("a0", "a1", "b0", "b1") for ext in ("png", "json")}
-    final = codecs.read_tar(storage.read_bytes(tar_uri(out, key)))  # read_tar refuses repeats
-    assert set(final) == want
-    assert all(final[f"{i}.png"] == i.encode() for i in ("a0", "a1", "b0", "b1"))
+    final = _members(out, key)
+    assert sorted(final) == sorted(want)  # every member once over the shard's tars
+    got = {}
+    for t in _shard_tars(out, key):
+        got.update(codecs.read_tar(storage.read_bytes(t)))
+    assert all(got[f"{i}.png"] == i.encode() for i in ("a0", "a1", "b0", "b1"))
     assert storage.list_files(storage.join(out, "_staging")) == []
     assert storage.exists(marker_uri(out, key))
-    assert marker_saw and all(seen >= {"a0.png", "a1.png"} for seen in marker_saw)
-    assert marker_saw[-1] == want
+    assert marker_saw and all(set(seen) >= {"a0.png", "a1.png"} for seen in marker_saw)
+    assert set(marker_saw[-1]) == want
 
 
 def test_webdataset_reads_every_sample_once(tmp_path):
@@ -237,10 +251,10 @@ def test_original_id_kept_in_timing_and_tar_json(tmp_path):
     out = writer.encode_write(rows, job)
     assert list(out["status"]) == ["ok"] * 3
     writer.finish_shard(job, "s.safetensors", "fp", all_ok=True)
-    (part,) = storage.list_files(storage.join(job.output, "timing"))
+    (part,) = storage.list_files(storage.join(job.output, "timing"))  # compacted at finish
     got = {r["id"]: r["source_id"] for r in pq.read_table(part).to_pylist()}
     assert got == {"w.0": "w.0", codecs.sanitize_id("dir/name"): "dir/name", "w.2": "w.2"}
-    tar = codecs.read_tar(storage.read_bytes(tar_uri(job.output, "s.safetensors")))
+    tar = codecs.read_tar(storage.read_bytes(tar_uri(job.output, "s.safetensors", 0)))
     metas = [json.loads(v) for k, v in tar.items() if k.endswith(".json")]
     assert sorted(m["source_id"] for m in metas) == ["dir/name", "w.0", "w.2"]
     old = pq.read_table(part).drop_columns(["source_id"])  # a part written before the column

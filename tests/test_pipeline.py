@@ -120,13 +120,17 @@ def test_partial_output_resumes_only_missing_samples(local_ray, tmp_path):
     inp, out = str(tmp_path / "in"), str(tmp_path / "out")
     ids = write_shards(inp, shards=2, per_shard=4)
     pipeline.run(tiny_job(inp, out), log=None)
-    # Simulate a run killed mid-shard: drop one shard's marker and all but one timing part.
+    # Simulate a run killed mid-shard: drop one shard's marker and all but two of its timing
+    # rows (left as a part, as before the shard's rows were compacted into one table).
     key = "shard-001.safetensors"
     storage.delete(storage.join(out, "_done", f"{key}.json"))
-    parts = storage.list_files(storage.join(out, "timing", key))
-    kept = pq.read_table(io.BytesIO(storage.read_bytes(parts[0]))).column("id").to_pylist()
-    for p in parts[1:]:
-        storage.delete(p)
+    compacted = storage.join(out, "timing", f"{key}.parquet")
+    rows = pq.read_table(io.BytesIO(storage.read_bytes(compacted))).slice(0, 2)
+    buf = io.BytesIO()
+    pq.write_table(rows.replace_schema_metadata(None), buf)
+    storage.write_bytes_atomic(storage.join(out, "timing", key, "part-x.parquet"), buf.getvalue())
+    storage.delete(compacted)
+    kept = rows.column("id").to_pylist()
     again = pipeline.run(tiny_job(inp, out), log=None)
     assert again.processed == 4 - len(kept)
     table = read_timing(out)
@@ -313,8 +317,8 @@ def test_tar_layout_one_tar_per_shard_and_rerun(local_ray, tmp_path):
     assert pipeline.run(job, log=None).exit_code == 0
     tars = storage.list_files(storage.join(out, "shards"))
     assert [t.rsplit("/", 1)[1] for t in tars] == [
-        "shard-000.safetensors.tar",
-        "shard-001.safetensors.tar",
+        "shard-000.safetensors-000000.tar",
+        "shard-001.safetensors-000000.tar",
     ]
     names = set()
     for t in tars:
