@@ -268,7 +268,7 @@ def per_node(out: str) -> list[dict[str, Any]]:
         t.column("node_id").to_pylist(),
         t.column("node").to_pylist(),
         t.column("accelerator_class").to_pylist(),
-        t.column("batch_size").to_pylist(),
+        t.column("micro_batch").to_pylist(),
         t.column("actor").to_pylist(),
     )
     groups: dict[tuple, dict[str, Any]] = {}

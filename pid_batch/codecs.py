@@ -661,7 +661,7 @@ TIMING_SCHEMA = pa.schema(
         pa.field("node", pa.string()),  # host name of the decode actor's machine
         pa.field("accelerator", pa.string()),  # the device as the decoder names it
         pa.field("actor", pa.string()),
-        pa.field("batch_size", pa.int32()),  # the micro-batch the decoder ran this sample in
+        pa.field("micro_batch", pa.int32()),  # the micro-batch the decoder ran this sample in
         pa.field("started_at", _TS),
         pa.field("finished_at", _TS),
         pa.field("output", pa.string()),  # object key or tar member
@@ -688,17 +688,28 @@ TIMING_SCHEMA = pa.schema(
         # label, e.g. "rtx", "GB200"), which keys per-class settings such as micro_batch.
         pa.field("accelerator_class", pa.string()),
     ],
-    metadata={"pid_batch.timing_version": "2"},
+    metadata={"pid_batch.timing_version": "3"},
 )
+# Columns renamed since version 1, old name → new (version 3: `batch_size` said "rows per call"
+# to readers of the job's resources.batch_size; the column always held the micro-batch).
+TIMING_RENAMED = {"batch_size": "micro_batch"}
 
 
 def conform_timing_table(t: pa.Table) -> pa.Table:
-    """A timing table read back, with the columns added since it was written filled with nulls
-    (every column after `index`/`status` is nullable), in TIMING_SCHEMA's order."""
+    """A timing table read back in TIMING_SCHEMA's columns and order: renamed columns under
+    their new names (old and new parts read together are merged), columns added since it was
+    written filled with nulls (every column after `index`/`status` is nullable)."""
+    for old, new in TIMING_RENAMED.items():
+        if old in t.column_names:
+            col = t.column(old).cast(TIMING_SCHEMA.field(new).type)
+            if new in t.column_names:
+                col = pc.coalesce(t.column(new), col)
+                t = t.drop_columns([new])
+            t = t.drop_columns([old]).append_column(TIMING_SCHEMA.field(new), col)
     missing = [f for f in TIMING_SCHEMA if f.name not in t.column_names]
     for f in missing:
         t = t.append_column(f, pa.nulls(t.num_rows, f.type))
-    return t.select(TIMING_SCHEMA.names) if missing else t
+    return t if t.column_names == TIMING_SCHEMA.names else t.select(TIMING_SCHEMA.names)
 
 
 def timing_table(rows: list[dict]) -> pa.Table:

@@ -349,7 +349,7 @@ def _timing_row(batch: Batch, i: int, job: JobConfig) -> dict[str, Any]:
         "accelerator": cell_str(get("accelerator")),
         "accelerator_class": cell_str(get("accelerator_class")) or None,
         "actor": cell_str(get("actor")),
-        "batch_size": int(get("micro_batch", 0)),
+        "micro_batch": int(get("micro_batch", 0)),
         "started_at": _ts(float(started) if started is not None else read_done),
         "output": None,
         "crop": cell_str(get("crop")),

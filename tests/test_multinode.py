@@ -155,7 +155,7 @@ def test_each_row_carries_its_node_class_and_micro_batch(tmp_path):
     assert set(t.column("node_id").to_pylist()) == {"ab" * 28}
     assert set(t.column("node").to_pylist()) == {"host-1"}
     assert set(t.column("accelerator_class").to_pylist()) == {"gb200"}
-    assert set(t.column("batch_size").to_pylist()) == {8}  # the gb200 micro-batch
+    assert set(t.column("micro_batch").to_pylist()) == {8}  # the gb200 micro-batch
     assert min(t.column("decode_ms").to_pylist()) >= 30.0 * 0.99  # the gb200 latency
 
 
@@ -163,7 +163,7 @@ def test_an_unlabelled_node_gets_the_defaults_and_null_columns(tmp_path):
     t = _rows_through_stages(tmp_path, None, model={"fake_latency_ms": {"rtx": 500.0}},
                              micro_batch={"rtx": 1})  # fmt: skip
     assert t.column("node_id").null_count == t.column("accelerator_class").null_count == 3
-    assert set(t.column("batch_size").to_pylist()) == {1}  # fake: nothing to size it from
+    assert set(t.column("micro_batch").to_pylist()) == {1}  # fake: nothing to size it from
     assert max(t.column("decode_ms").to_pylist()) < 500.0  # DEFAULT_LATENCY_MS, not rtx's
 
 
@@ -255,4 +255,27 @@ def test_a_node_added_mid_job_gets_decode_actors(bench, tmp_path):
     ok = _ok_rows(str(tmp_path / "grow" / "out"))
     on_new = ok.filter(pc.equal(ok.column("node_id"), ev["node_id"]))
     assert set(on_new.column("accelerator_class").to_pylist()) == {"gb200"}
-    assert set(on_new.column("batch_size").to_pylist()) == {bench.MICRO_BATCH["gb200"]}
+    assert set(on_new.column("micro_batch").to_pylist()) == {bench.MICRO_BATCH["gb200"]}
+
+
+def test_timing_column_batch_size_reads_back_as_micro_batch(tmp_path):
+    """Version-1/2 parts call the micro-batch `batch_size`; read with a version-3 part, one column."""
+    out = str(tmp_path / "out")
+    new = codecs.timing_table(
+        [{"id": "b", "shard": "s", "index": 1, "status": "ok", "micro_batch": 8}]
+    )
+    old = codecs.timing_table(
+        [{"id": "a", "shard": "s", "index": 0, "status": "ok", "micro_batch": 4}]
+    )
+    old = old.rename_columns(["batch_size" if c == "micro_batch" else c for c in old.column_names])
+    for name, t in (("part-old.parquet", old), ("part-new.parquet", new)):
+        buf = io.BytesIO()
+        pq.write_table(t, buf)
+        storage.write_bytes_atomic(storage.join(out, "timing", "s", name), buf.getvalue())
+    raw = read_timing_parts(out)
+    codecs.validate_timing_table(raw)
+    assert "batch_size" not in raw.column_names
+    assert dict(zip(raw.column("id").to_pylist(), raw.column("micro_batch").to_pylist())) == {
+        "a": 4,
+        "b": 8,
+    }
