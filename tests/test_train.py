@@ -213,3 +213,18 @@ def test_student_training_resumes_exactly(tmp_path, images, small_ae):
     split = dmd.train_student(t, small_ae, images, tmp_path / "b", hp, log=quiet)
     a, b = load_net(whole, TINY).state_dict(), load_net(split, TINY).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_forward_after_an_inference_decode_of_the_same_size():
+    """Cached RoPE tables first built under inference_mode (a decoder) serve a trainer's forward."""
+    from pid_batch.model.layers import _TABLE_CACHE
+
+    _TABLE_CACHE.clear()
+    torch.manual_seed(0)
+    cfg = demo(VARIANTS["v1_sr4x_c16"])
+    net = PidNet(cfg)
+    args = (torch.full((1,), 500.0), null_caption(cfg, 1), torch.randn(1, 16, 2, 2), torch.zeros(1))
+    with torch.inference_mode():
+        net(torch.randn(1, 3, 64, 64), *args)
+    net(torch.randn(1, 3, 64, 64), *args).square().mean().backward()
+    assert net.final_layer.linear.weight.grad is not None

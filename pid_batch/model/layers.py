@@ -30,7 +30,10 @@ def cached(key: tuple, build) -> Tensor:
     if table is None:
         if len(_TABLE_CACHE) >= TABLE_CACHE_SIZE:
             del _TABLE_CACHE[next(iter(_TABLE_CACHE))]
-        table = _TABLE_CACHE[key] = build()
+        # A table built under inference_mode (a decoder) could not later be saved for backward
+        # (a trainer's forward): build every table as a normal tensor.
+        with torch.inference_mode(False):
+            table = _TABLE_CACHE[key] = build()
     return table
 
 
