@@ -493,7 +493,14 @@ def _terminal(stream: TextIO) -> bool:
 def _decode(job: JobConfig, plan: resume.Plan, result: RunResult, log: TextIO | None) -> None:
     """Stream the dataset over the plan's todo shards; fills result's counts as rows return."""
     todo = plan.todo
-    ledger = ray.remote(num_cpus=0)(RunLedger).remote()
+    # On the driver's node: a 0-CPU actor may land on any node, and with it on a worker node
+    # that is lost mid-job every later decode call's ledger lookup raised ActorDiedError, which
+    # Ray Data does not retry (test_multinode's node-loss run: 2 of 4 runs lost 192-256 of 384
+    # samples). The driver's node going down ends the job anyway.
+    here = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False
+    )
+    ledger = ray.remote(num_cpus=0)(RunLedger).options(scheduling_strategy=here).remote()
     dups = start_duplicate_scan(plan.shards) if job.input_kind != "images" else None
     ds = build_dataset(job, todo, dups, ledger)
     # Ray Data's progress bars in a terminal; elsewhere (a file, `ray job logs`) its fallback
