@@ -383,7 +383,14 @@ class _ProgressLog(io.TextIOBase):
         return len(s)
 
 
-def pipeline_run(samples: int, per_shard: int, work: Path, object_store_mb: int = 200) -> dict:
+def pipeline_run(
+    samples: int,
+    per_shard: int,
+    work: Path,
+    object_store_mb: int = 200,
+    batch_size: int = 256,
+    encode_batch_size: int = 256,
+) -> dict:
     """pipeline.run over `samples` tiny latents, tar layout, ~0 ms fake decode."""
     sys.path.insert(0, str(HERE))
     import load_bench  # MemorySampler, spilled, write_shards
@@ -400,7 +407,7 @@ def pipeline_run(samples: int, per_shard: int, work: Path, object_store_mb: int 
         output=str(out),
         model=ModelConfig(backbone="flux", ckpt_type="2k", preset="tiny", fake_latency_ms=0.01),
         images=OutputConfig(image_format="jpeg", layout="tar"),
-        resources=ResourceConfig(batch_size=256, encode_batch_size=256),
+        resources=ResourceConfig(batch_size=batch_size, encode_batch_size=encode_batch_size),
     )
     ray.init(address="local", num_cpus=2, include_dashboard=False,
              object_store_memory=object_store_mb * MB, log_to_driver=False)  # fmt: skip
@@ -413,6 +420,7 @@ def pipeline_run(samples: int, per_shard: int, work: Path, object_store_mb: int 
     run_s = time.time() - t0
     sampler.stop()
     spill, spill_lines = load_bench.spilled(session)
+    spill_total = load_bench.spilled_total()
     ray.shutdown()
     driver_end = rss_mb()
     early_n = min(10_000, samples // 10)  # the driver's RSS once this many samples are back
@@ -425,12 +433,16 @@ def pipeline_run(samples: int, per_shard: int, work: Path, object_store_mb: int 
     objects = sum(1 for p in out.rglob("*") if p.is_file())
     report = {
         "samples": samples,
+        "batch_size": batch_size,
+        "encode_batch_size": encode_batch_size,
+        "object_store_mb": object_store_mb,
         "shards": -(-samples // per_shard),
         "ok": result.summary.get("ok"),
         "error": result.summary.get("error"),
         "run_s": round(run_s, 1),
         "samples_per_s": round(result.processed / run_s, 1),
-        "spilled_bytes": spill,
+        "spilled_bytes_total": spill_total,  # over the run
+        "spilled_bytes": spill,  # still on disk at the end
         "raylet_spill_log": spill_lines,
         "driver_rss_early_at_samples": early[0] if early else None,
         "driver_rss_early_mb": round(early[1], 1) if early else None,
@@ -473,6 +485,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--backend", nargs="+", choices=["local", "s3"], default=["local", "s3"])
     p.add_argument("--per-shard", type=int, default=None)
     p.add_argument("--gb", type=float, nargs="+", default=[1.0, 4.0])
+    p.add_argument("--batch-size", type=int, default=256, help="run: decode batch")
+    p.add_argument("--encode-batch-size", type=int, default=256, help="run: encode batch")
+    p.add_argument("--object-store-mb", type=int, default=200, help="run: Ray's object store")
     p.add_argument("--work-dir", default=None, help="default: a temp dir, removed afterwards")
     p.add_argument("--smoke", action="store_true", help="every part, small (CI)")
     p.add_argument("--json", default=None, help="also write the result here")
@@ -491,7 +506,14 @@ def main(argv: list[str] | None = None) -> dict:
                                       per_part=32 if args.smoke else 64)  # fmt: skip
         if args.smoke or args.part == "run":
             n = (args.samples or [2000 if args.smoke else 100_000])[0]
-            report["run"] = pipeline_run(n, args.per_shard or 100, work)
+            report["run"] = pipeline_run(
+                n,
+                args.per_shard or 100,
+                work,
+                object_store_mb=args.object_store_mb,
+                batch_size=args.batch_size,
+                encode_batch_size=args.encode_batch_size,
+            )
             print(json.dumps(report["run"], indent=2))
     finally:
         if args.work_dir is None:

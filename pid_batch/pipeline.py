@@ -270,9 +270,15 @@ def build_dataset(
     ledger: the run's RunLedger actor, None to let actors fail and retry as Ray does)."""
     res = job.resources
     ctx = ray.data.DataContext.get_current()
-    # Let an autoscaling actor pool grow on small nodes (per-operator reservations otherwise
-    # hold back the resources it would grow into; measured on a 2-core box).
-    ctx.op_resource_reservation_enabled = False
+    # Per-operator reservation on (Ray's default, set in case the process turned it off): it
+    # is what gives each operator a CPU and object-store budget (half the store in all). With
+    # it off (done here before, so the pool could grow on 2 CPUs) nothing bounded an
+    # operator's output: a decoder faster than the encoders filled the store and spilled
+    # (scale_bench.py run, 100k samples: 1.67 GB; 30k at batch 32: 453 MiB;
+    # test_decoder_faster_than_encoders_does_not_spill: 1.3 GB) and Ray Data queued every
+    # encode task at once (343 on 2 CPUs). The pool still grows on 2 CPUs
+    # (test_actor_pool_grows_under_load): its budget is its reservation plus a share of the rest.
+    ctx.op_resource_reservation_enabled = True
     # Decode tasks are one batch each (seconds). Ray Data's actor autoscaler grows a pool at
     # utilisation = tasks in flight / pool size >= 1.75 by default: with a second block queued
     # per actor it grew only once actor 1 held two, the queue had drained into that busy actor,
@@ -487,7 +493,14 @@ def _terminal(stream: TextIO) -> bool:
 def _decode(job: JobConfig, plan: resume.Plan, result: RunResult, log: TextIO | None) -> None:
     """Stream the dataset over the plan's todo shards; fills result's counts as rows return."""
     todo = plan.todo
-    ledger = ray.remote(num_cpus=0)(RunLedger).remote()
+    # On the driver's node: a 0-CPU actor may land on any node, and with it on a worker node
+    # that is lost mid-job every later decode call's ledger lookup raised ActorDiedError, which
+    # Ray Data does not retry (test_multinode's node-loss run: 2 of 4 runs lost 192-256 of 384
+    # samples). The driver's node going down ends the job anyway.
+    here = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False
+    )
+    ledger = ray.remote(num_cpus=0)(RunLedger).options(scheduling_strategy=here).remote()
     dups = start_duplicate_scan(plan.shards) if job.input_kind != "images" else None
     ds = build_dataset(job, todo, dups, ledger)
     # Ray Data's progress bars in a terminal; elsewhere (a file, `ray job logs`) its fallback
