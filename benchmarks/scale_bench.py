@@ -89,7 +89,7 @@ def _timing_template(rows: int):
                 "node": "10.0.0.1",
                 "accelerator": "gb200",
                 "actor": "node:1234",
-                "batch_size": 8,
+                "micro_batch": 8,
                 "started_at": t0 + i,
                 "finished_at": t0 + i + 0.3,
                 "output": f"shards/k-*.tar:x{i:07d}.jpg",
