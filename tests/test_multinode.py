@@ -167,6 +167,15 @@ def test_an_unlabelled_node_gets_the_defaults_and_null_columns(tmp_path):
     assert max(t.column("decode_ms").to_pylist()) < 500.0  # DEFAULT_LATENCY_MS, not rtx's
 
 
+def _read_back_old_and_new(out: str, old, new):
+    """Write an old-version and a new timing part of shard "s"; read the output's rows back."""
+    for name, t in (("part-old.parquet", old), ("part-new.parquet", new)):
+        buf = io.BytesIO()
+        pq.write_table(t, buf)
+        storage.write_bytes_atomic(storage.join(out, "timing", "s", name), buf.getvalue())
+    return read_timing_parts(out)
+
+
 def test_timing_parts_written_before_node_ids_still_read(tmp_path):
     """A version-1 part (no node_id / accelerator_class) next to a new one: one table, nulls."""
     out = str(tmp_path / "out")
@@ -174,11 +183,7 @@ def test_timing_parts_written_before_node_ids_still_read(tmp_path):
                                 "node_id": "cd" * 28, "accelerator_class": "rtx"}])  # fmt: skip
     old = codecs.timing_table([{"id": "a", "shard": "s", "index": 0, "status": "ok"}])
     old = old.drop_columns(["node_id", "accelerator_class"])
-    for name, t in (("part-old.parquet", old), ("part-new.parquet", new)):
-        buf = io.BytesIO()
-        pq.write_table(t, buf)
-        storage.write_bytes_atomic(storage.join(out, "timing", "s", name), buf.getvalue())
-    raw = read_timing_parts(out)
+    raw = _read_back_old_and_new(out, old, new)
     codecs.validate_timing_table(raw)
     by_id = dict(zip(raw.column("id").to_pylist(), raw.column("node_id").to_pylist()))
     assert by_id == {"a": None, "b": "cd" * 28}
@@ -268,11 +273,7 @@ def test_timing_column_batch_size_reads_back_as_micro_batch(tmp_path):
         [{"id": "a", "shard": "s", "index": 0, "status": "ok", "micro_batch": 4}]
     )
     old = old.rename_columns(["batch_size" if c == "micro_batch" else c for c in old.column_names])
-    for name, t in (("part-old.parquet", old), ("part-new.parquet", new)):
-        buf = io.BytesIO()
-        pq.write_table(t, buf)
-        storage.write_bytes_atomic(storage.join(out, "timing", "s", name), buf.getvalue())
-    raw = read_timing_parts(out)
+    raw = _read_back_old_and_new(out, old, new)
     codecs.validate_timing_table(raw)
     assert "batch_size" not in raw.column_names
     assert dict(zip(raw.column("id").to_pylist(), raw.column("micro_batch").to_pylist())) == {

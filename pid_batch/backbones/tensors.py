@@ -67,38 +67,8 @@ def _flux2_stats(flux2_bn, where: str, device) -> tuple[torch.Tensor, torch.Tens
     return torch.from_numpy(mean).to(device), torch.from_numpy(std).to(device)
 
 
-def normalize_vae_latent(z, backbone: str, flux2_bn=None) -> torch.Tensor:
-    """Raw VAE posterior mean [..., C_raw, H, W] -> the LDM's normalised latent, fp32.
-
-    The normalisation per backbone: docs/model.md#latent-conventions.
-    """
-    conv = backbone_row(backbone)
-    where = conv.name
-    z = _as_float_tensor(z, where).to(torch.float32)
-    if conv.raw_channels is None:
-        raise ValueError(
-            f"{where} features come normalised from the RAE encoder; no VAE normalisation"
-        )
-    if z.dim() < 3 or z.shape[-3] != conv.raw_channels:
-        raise ValueError(
-            f"{where} raw VAE latent must be [..., {conv.raw_channels}, H, W]; got shape {tuple(z.shape)}"
-        )
-    if conv.name == "flux2":
-        if z.shape[-2] % 2 or z.shape[-1] % 2:
-            raise ValueError(
-                f"{where} raw latent H, W must be even for 2×2 packing; got {tuple(z.shape)}"
-            )
-        mean, std = _flux2_stats(flux2_bn, where, z.device)
-        return (flux2_patchify(z) - mean) / std
-    if conv.latents_mean is not None:
-        mean = torch.tensor(conv.latents_mean, device=z.device).view(-1, 1, 1)
-        std = torch.tensor(conv.latents_std, device=z.device).view(-1, 1, 1)
-        return (z - mean) / std
-    return conv.scaling_factor * (z - conv.shift_factor)
-
-
-def denormalize_vae_latent(x, backbone: str, flux2_bn=None) -> torch.Tensor:
-    """Inverse of normalize_vae_latent: normalised latent -> raw VAE latent for native decoding."""
+def _vae_side(x, backbone: str, channels: str, what: str):
+    """(backbone row, x as an fp32 tensor) after checking x is [..., row.<channels>, H, W] of a VAE."""
     conv = backbone_row(backbone)
     where = conv.name
     x = _as_float_tensor(x, where).to(torch.float32)
@@ -106,16 +76,45 @@ def denormalize_vae_latent(x, backbone: str, flux2_bn=None) -> torch.Tensor:
         raise ValueError(
             f"{where} features come normalised from the RAE encoder; no VAE normalisation"
         )
-    if x.dim() < 3 or x.shape[-3] != conv.channels:
-        raise ValueError(
-            f"{where} latent must be [..., {conv.channels}, h, w]; got shape {tuple(x.shape)}"
-        )
+    c = getattr(conv, channels)
+    if x.dim() < 3 or x.shape[-3] != c:
+        raise ValueError(f"{where} {what} must be [..., {c}, H, W]; got shape {tuple(x.shape)}")
+    return conv, x
+
+
+def _mean_std(conv, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, std) [C, 1, 1] of a backbone normalised that way (Qwen-Image)."""
+    mean = torch.tensor(conv.latents_mean, device=device).view(-1, 1, 1)
+    return mean, torch.tensor(conv.latents_std, device=device).view(-1, 1, 1)
+
+
+def normalize_vae_latent(z, backbone: str, flux2_bn=None) -> torch.Tensor:
+    """Raw VAE posterior mean [..., C_raw, H, W] -> the LDM's normalised latent, fp32.
+
+    The normalisation per backbone: docs/model.md#latent-conventions.
+    """
+    conv, z = _vae_side(z, backbone, "raw_channels", "raw VAE latent")
     if conv.name == "flux2":
-        mean, std = _flux2_stats(flux2_bn, where, x.device)
+        if z.shape[-2] % 2 or z.shape[-1] % 2:
+            raise ValueError(
+                f"{conv.name} raw latent H, W must be even for 2×2 packing; got {tuple(z.shape)}"
+            )
+        mean, std = _flux2_stats(flux2_bn, conv.name, z.device)
+        return (flux2_patchify(z) - mean) / std
+    if conv.latents_mean is not None:
+        mean, std = _mean_std(conv, z.device)
+        return (z - mean) / std
+    return conv.scaling_factor * (z - conv.shift_factor)
+
+
+def denormalize_vae_latent(x, backbone: str, flux2_bn=None) -> torch.Tensor:
+    """Inverse of normalize_vae_latent: normalised latent -> raw VAE latent for native decoding."""
+    conv, x = _vae_side(x, backbone, "channels", "latent")
+    if conv.name == "flux2":
+        mean, std = _flux2_stats(flux2_bn, conv.name, x.device)
         return flux2_unpatchify(x * std + mean)
     if conv.latents_mean is not None:
-        mean = torch.tensor(conv.latents_mean, device=x.device).view(-1, 1, 1)
-        std = torch.tensor(conv.latents_std, device=x.device).view(-1, 1, 1)
+        mean, std = _mean_std(conv, x.device)
         return x * std + mean
     return x / conv.scaling_factor + conv.shift_factor
 
