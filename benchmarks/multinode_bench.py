@@ -397,8 +397,9 @@ def scenario(
     for ev in report["events"]:
         rows = [g for g in report["per_node"] if g["node_id"] == ev["node_id"]]
         ev["rows_on_node"] = sum(g["rows"] for g in rows)
-        # Rows of actor processes that began after the event on other nodes: after a loss, the
-        # lost actor restarted elsewhere (Ray retries the batches it held on it first).
+        # Rows of actor processes that began after the event on other nodes: after a loss, Ray
+        # may restart the lost actor elsewhere (then it retries the batches it held there first)
+        # or hand them to the surviving actors (then this is 0); both were seen here.
         later = [
             (st, n)
             for st, node, n in first_call.values()
