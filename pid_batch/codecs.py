@@ -1,4 +1,4 @@
-"""Latent shard formats, sample ids, image encoders, the timing schema and WebDataset tars."""
+"""Latent shard formats, sample ids, image encoders and WebDataset tars."""
 
 from __future__ import annotations
 
@@ -9,11 +9,9 @@ import math
 import re
 import tarfile
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -628,134 +626,6 @@ def encode_image(
     else:
         pil.save(buf, "WEBP", quality=quality or WEBP_QUALITY, method=0)
     return buf.getvalue()
-
-
-# ---------------------------------------------------------------------------------------------
-# Timing rows
-
-_REQUIRED = ("id", "shard", "index", "status")
-_MS = pa.float32()
-_TS = pa.timestamp("ms", tz="UTC")
-TIMING_SCHEMA = pa.schema(
-    [
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("shard", pa.string(), nullable=False),
-        pa.field("index", pa.int32(), nullable=False),  # position of the sample in its shard
-        pa.field("status", pa.string(), nullable=False),  # "ok" | "error"
-        pa.field("error", pa.string()),  # redacted message when status == "error"
-        pa.field("backbone", pa.string()),
-        pa.field("variant", pa.string()),
-        pa.field("checkpoint", pa.string()),
-        pa.field("height", pa.int32()),  # output pixels
-        pa.field("width", pa.int32()),
-        pa.field("steps", pa.int16()),
-        pa.field("seed", pa.int64()),
-        pa.field("sigma", pa.float32()),
-        pa.field("read_ms", _MS),  # this sample's share of reading + parsing its shard
-        pa.field("queue_ms", _MS),  # parsed → decoder start
-        pa.field("decode_ms", _MS),  # this sample's share of its decoder batch
-        pa.field("text_ms", _MS),  # this sample's share of caption encoding (text encoder)
-        pa.field("encode_ms", _MS),
-        pa.field("write_ms", _MS),
-        pa.field("bytes", pa.int64()),  # encoded output size
-        pa.field("node", pa.string()),  # host name of the decode actor's machine
-        pa.field("accelerator", pa.string()),  # the device as the decoder names it
-        pa.field("actor", pa.string()),
-        pa.field("micro_batch", pa.int32()),  # the micro-batch the decoder ran this sample in
-        pa.field("started_at", _TS),
-        pa.field("finished_at", _TS),
-        pa.field("output", pa.string()),  # object key or tar member
-        pa.field("crop", pa.string()),  # for image inputs: the crop that was taken
-        # image inputs with images.target_long_side: "WxH" the image was resized to before the
-        # crop (the crop's coordinates are in the resized image); null: not resized
-        pa.field("resize", pa.string()),
-        # tiled decodes: tile size, minimum overlap (px) and tile count; null: decoded whole
-        pa.field("tile_height", pa.int32()),
-        pa.field("tile_width", pa.int32()),
-        pa.field("tile_overlap", pa.int32()),
-        pa.field("tiles", pa.int32()),
-        pa.field("vae_encode_ms", _MS),  # image inputs: VAE encode share
-        pa.field("baseline_ms", _MS),  # native VAE decode of the same latent
-        pa.field("baseline_bytes", pa.int64()),
-        pa.field("baseline_output", pa.string()),
-        pa.field("source_id", pa.string()),  # id as the input gave it (null: none, or old parts)
-        # The input shard's identity when this row was made (resume.fingerprint): rows of an
-        # earlier content of the same shard are superseded. Null in tables written before it.
-        pa.field("input_fingerprint", pa.string()),
-        # Version 2: where the decode actor ran, for jobs over many nodes (several share a host).
-        pa.field("node_id", pa.string()),  # the Ray node id (hex)
-        # The node's accelerator class (its pid-batch/accelerator or ray.io/accelerator-type
-        # label, e.g. "rtx", "GB200"), which keys per-class settings such as micro_batch.
-        pa.field("accelerator_class", pa.string()),
-    ],
-    metadata={"pid_batch.timing_version": "3"},
-)
-# Columns renamed since version 1, old name → new (version 3: `batch_size` said "rows per call"
-# to readers of the job's resources.batch_size; the column always held the micro-batch).
-TIMING_RENAMED = {"batch_size": "micro_batch"}
-
-
-def conform_timing_table(t: pa.Table) -> pa.Table:
-    """A timing table read back in TIMING_SCHEMA's columns and order: renamed columns under
-    their new names (old and new parts read together are merged), columns added since it was
-    written filled with nulls (every column after `index`/`status` is nullable)."""
-    for old, new in TIMING_RENAMED.items():
-        if old in t.column_names:
-            col = t.column(old).cast(TIMING_SCHEMA.field(new).type)
-            if new in t.column_names:
-                col = pc.coalesce(t.column(new), col)
-                t = t.drop_columns([new])
-            t = t.drop_columns([old]).append_column(TIMING_SCHEMA.field(new), col)
-    missing = [f for f in TIMING_SCHEMA if f.name not in t.column_names]
-    for f in missing:
-        t = t.append_column(f, pa.nulls(t.num_rows, f.type))
-    return t if t.column_names == TIMING_SCHEMA.names else t.select(TIMING_SCHEMA.names)
-
-
-def timing_table(rows: list[dict]) -> pa.Table:
-    """Timing rows → a table with TIMING_SCHEMA; absent nullable columns become null.
-
-    Timestamps may be aware datetimes or epoch seconds (int/float).
-    """
-    known = set(TIMING_SCHEMA.names)
-    norm = []
-    for i, row in enumerate(rows):
-        if extra := sorted(set(row) - known):
-            raise ValueError(f"timing row {i} has unknown columns {extra}")
-        if missing := [c for c in _REQUIRED if row.get(c) is None]:
-            raise ValueError(f"timing row {i} lacks required columns {missing}: {row!r}")
-        row = dict(row)
-        for c in ("started_at", "finished_at"):
-            if isinstance(row.get(c), (int, float, np.integer, np.floating)):
-                row[c] = datetime.fromtimestamp(float(row[c]), tz=UTC)
-        norm.append(row)
-    table = pa.Table.from_pylist(norm, schema=TIMING_SCHEMA)
-    validate_timing_table(table)
-    return table
-
-
-def validate_timing_table(t: pa.Table) -> None:
-    """Raise ValueError unless t has exactly TIMING_SCHEMA's columns/types and valid status rows."""
-    names = set(t.column_names)
-    missing = [c for c in TIMING_SCHEMA.names if c not in names]
-    extra = sorted(names - set(TIMING_SCHEMA.names))
-    if missing or extra:
-        raise ValueError(f"timing table columns differ: missing {missing}, unexpected {extra}")
-    for field in TIMING_SCHEMA:
-        got = t.schema.field(field.name).type
-        if got != field.type:
-            raise ValueError(f"timing column {field.name!r} has type {got}, expected {field.type}")
-    for c in _REQUIRED:
-        if t.column(c).null_count:
-            raise ValueError(f"timing column {c!r} has {t.column(c).null_count} nulls")
-    bad = set(pc.unique(t.column("status")).to_pylist()) - {"ok", "error"}
-    if bad:
-        raise ValueError(f"timing status must be 'ok' or 'error', got {sorted(bad)}")
-    no_msg = pc.sum(
-        pc.and_(pc.equal(t.column("status"), "error"), pc.is_null(t.column("error")))
-    ).as_py()
-    if no_msg:
-        raise ValueError(f"{no_msg} timing rows have status 'error' but no error message")
 
 
 # ---------------------------------------------------------------------------------------------

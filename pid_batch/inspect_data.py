@@ -11,8 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pid_batch import codecs, storage
-from pid_batch.summary import error_reason
+from pid_batch import codecs, storage, timing
 
 MAX_EXAMPLES = 3  # example ids kept per problem
 
@@ -80,7 +79,7 @@ def inspect_dataset(uri: str, limit: int | None = None) -> dict[str, Any]:
                     for part in s.error.split("; "):
                         # grouped by the number-free reason; the first message is shown as it was
                         p = problems.setdefault(
-                            error_reason(part), {"count": 0, "message": part, "examples": []}
+                            timing.error_reason(part), {"count": 0, "message": part, "examples": []}
                         )
                         p["count"] += 1
                         if len(p["examples"]) < MAX_EXAMPLES:

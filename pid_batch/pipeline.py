@@ -33,7 +33,8 @@ import ray  # noqa: E402
 
 from pid_batch import lease, reader, resume, storage, writer  # noqa: E402
 from pid_batch.job import JobConfig, JobConfigError  # noqa: E402
-from pid_batch.summary import error_reason, format_summary, summarize_output  # noqa: E402
+from pid_batch.summary import format_summary, summarize_output  # noqa: E402
+from pid_batch.timing import error_reason  # noqa: E402
 
 _FORWARDED_ENV = (
     "AWS_ENDPOINT_URL",

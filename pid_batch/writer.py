@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import io
 import json
 import tarfile
 import time
@@ -20,7 +19,6 @@ from collections import defaultdict
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from pid_batch import codecs, storage, timing
 from pid_batch.job import JobConfig
@@ -33,7 +31,6 @@ from pid_batch.layout import (
     objects,
     staging_uri,
     tar_uri,
-    timing_dir,
     unpack_image,
 )
 
@@ -117,12 +114,9 @@ def encode_write(batch: Batch, job: JobConfig, run_id: str | None = None) -> Bat
             if r["shard"] == key and r["status"] == "ok":
                 r["write_ms"] = share
     for key, part_rows in by_shard.items():
-        buf = io.BytesIO()
-        pq.write_table(codecs.timing_table(part_rows), buf)
+        table = timing.timing_table(part_rows)  # a bad row is a bug: raised, not an error row
         try:
-            storage.write_bytes_atomic(
-                storage.join(timing_dir(out, key), f"part-{part[key]}.parquet"), buf.getvalue()
-            )
+            timing.write_part(out, key, f"part-{part[key]}.parquet", table)
         except Exception as e:  # no row on disk: the returned rows carry the reason instead
             _fail(rows, status, error, key, f"timing write failed: {_reason(e)}", every=True)
             if key in staged:  # images without a row would reach a tar and be staged again
@@ -330,11 +324,9 @@ def _timing_row(batch: Batch, i: int, job: JobConfig) -> dict[str, Any]:
         "shard": str(get("shard")),
         "index": int(get("index")),
         "backbone": str(get("backbone")),
-        "variant": job.model.variant_label,
-        "checkpoint": job.model.spec.experiment,
+        **timing.job_columns(job),
         "height": int(get("height")),
         "width": int(get("width")),
-        "steps": job.sampling.steps,
         "seed": int(get("seed")),
         "sigma": None if np.isnan(float(get("sigma"))) else float(get("sigma")),
         "read_ms": float(get("read_ms")),
