@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pid_batch import codecs, storage, timing
+from pid_batch.redaction import redact
 
 MAX_EXAMPLES = 3  # example ids kept per problem
 
@@ -35,7 +36,7 @@ def _read(uri: str) -> tuple[str, list[codecs.LatentSample] | str, Counter]:
     except codecs.ShardError as e:
         return uri, e.reason, Counter()
     except Exception as e:
-        return uri, f"{type(e).__name__}: {storage.redact(str(e))}", Counter()
+        return uri, f"{type(e).__name__}: {redact(str(e))}", Counter()
     return uri, samples, _stored_dtypes(data, uri, len(samples))
 
 

@@ -33,6 +33,7 @@ import ray  # noqa: E402
 
 from pid_batch import lease, reader, resume, storage, writer  # noqa: E402
 from pid_batch.job import JobConfig, JobConfigError  # noqa: E402
+from pid_batch.redaction import redact  # noqa: E402
 from pid_batch.summary import format_summary, summarize_output  # noqa: E402
 from pid_batch.timing import error_reason  # noqa: E402
 
@@ -128,7 +129,7 @@ class _StageActor:
         except Exception as e:
             if ledger is None:
                 raise
-            message = " ".join(f"{type(e).__name__}: {storage.redact(str(e))}".split())
+            message = " ".join(f"{type(e).__name__}: {redact(str(e))}".split())
             ray.get(ledger.failed.remote(message[:2000]))
 
     def _where(self, actors) -> tuple:
@@ -565,8 +566,7 @@ def _decode(job: JobConfig, plan: resume.Plan, result: RunResult, log: TextIO | 
             cause = e.cause if e.cause is not None else e
             result.shards_unfinished += 1
             result.note_reason(
-                f"finishing a shard failed: {type(cause).__name__}: "
-                f"{storage.redact(str(cause))[:300]}"
+                f"finishing a shard failed: {type(cause).__name__}: {redact(str(cause))[:300]}"
             )
     watch.line(final=True)
 
@@ -611,7 +611,7 @@ def _summarize(
         try:
             storage.write_json_atomic(storage.join(job.output, "summary.json"), result.summary)
         except OSError as e:  # e.g. a full disk: the summary still reaches the user
-            result.summary["summary_not_written"] = storage.redact(str(e))
+            result.summary["summary_not_written"] = redact(str(e))
     if out is not None:
         print(format_summary(result.summary), file=out, flush=True)
     return result

@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from pid_batch import storage, timing
+from pid_batch.redaction import redact
 from pid_batch.summary import summarize
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -337,7 +338,7 @@ def _load(uri: str | None) -> tuple | str | None:
     try:
         return _thumb_and_crop(_read_output(uri))
     except Exception as e:  # a broken output should not stop the report
-        return f"{uri}: {type(e).__name__}: {storage.redact(str(e))}"
+        return f"{uri}: {type(e).__name__}: {redact(str(e))}"
 
 
 def write_report(out: str, dest: str | None = None, max_images: int = 24) -> str:

@@ -33,6 +33,7 @@ from pid_batch.layout import (
     tar_uri,
     unpack_image,
 )
+from pid_batch.redaction import redact
 
 
 def encode_write(batch: Batch, job: JobConfig, run_id: str | None = None) -> Batch:
@@ -72,7 +73,7 @@ def encode_write(batch: Batch, job: JobConfig, run_id: str | None = None) -> Bat
                 t2 = time.perf_counter()
             except Exception as e:
                 status[i] = "error"
-                error[i] = f"write failed: {type(e).__name__}: {storage.redact(str(e))}"
+                error[i] = f"write failed: {type(e).__name__}: {redact(str(e))}"
             else:
                 row.update(
                     encode_ms=(t1 - t0) * 1000,
@@ -93,7 +94,7 @@ def encode_write(batch: Batch, job: JobConfig, run_id: str | None = None) -> Bat
                     row["baseline_output"] = uri[len(out.rstrip("/")) + 1 :]
                 row["baseline_bytes"] = len(data)
             except Exception as e:  # the PiD image is written; report the missing baseline
-                error[i] = f"baseline write failed: {storage.redact(str(e))}"
+                error[i] = f"baseline write failed: {redact(str(e))}"
         row["status"], row["error"] = status[i], error[i]
         row["finished_at"] = _ts(time.time())
         rows.append(row)
@@ -150,7 +151,7 @@ def _part_name(run_id: str, ids: list[str]) -> str:
 
 
 def _reason(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {storage.redact(str(exc))}"
+    return f"{type(exc).__name__}: {redact(str(exc))}"
 
 
 def _fail(
