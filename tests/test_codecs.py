@@ -13,6 +13,7 @@ from PIL import Image
 
 from pid_batch import codecs
 from pid_batch.codecs import ShardError, read_shard
+from pid_batch.codecs.safetensors_file import safetensors_bytes
 
 RNG = np.random.default_rng(0)
 
@@ -112,7 +113,7 @@ def test_packed_rank2_latents_accepted():
 
 def test_safetensors_seeds_from_metadata():
     lat = _latents(2)
-    data = codecs._safetensors_bytes({"latents": ("F32", lat)}, {"seeds": json.dumps([7, None])})
+    data = safetensors_bytes({"latents": ("F32", lat)}, {"seeds": json.dumps([7, None])})
     assert [s.seed for s in read_shard(data, "s.safetensors")] == [7, None]
 
 
@@ -167,7 +168,7 @@ def test_limits_configurable():
 
 def test_sigma_and_seed_validation():
     lat = _latents(3)
-    data = codecs._safetensors_bytes(
+    data = safetensors_bytes(
         {"latents": ("F32", lat), "sigmas": ("F32", np.array([0.2, 1.5, np.nan], np.float32))},
         {"seeds": json.dumps([1, "x", 2**70])},
     )
@@ -185,7 +186,7 @@ def test_seeds_tensor_must_be_integers(dtype):
     lat = _latents(2)
     st = {"float32": "F32", "float64": "F64", "uint64": "U64"}[np.dtype(dtype).name]
     seeds = np.array([1, 2], dtype)
-    data = codecs._safetensors_bytes({"latents": ("F32", lat), "seeds": (st, seeds)}, {})
+    data = safetensors_bytes({"latents": ("F32", lat), "seeds": (st, seeds)}, {})
     with pytest.raises(ShardError, match=rf"seeds must be integers: .*got {st} \[2\]"):
         read_shard(data, "s.safetensors")
 
@@ -245,7 +246,7 @@ def test_truncated_and_inconsistent_safetensors_are_shard_errors():
         ),
     ]:
         with pytest.raises(ShardError, match=reason):
-            read_shard(codecs._safetensors_bytes(tensors, meta), "t.safetensors")
+            read_shard(safetensors_bytes(tensors, meta), "t.safetensors")
 
 
 def test_unknown_suffix_is_shard_error():
@@ -358,9 +359,7 @@ def test_sanitize_id():
 
 def test_non_string_and_duplicate_sanitized_ids():
     lat = _latents(3)
-    data = codecs._safetensors_bytes(
-        {"latents": ("F32", lat)}, {"ids": json.dumps([5, "a/b", "a/b"])}
-    )
+    data = safetensors_bytes({"latents": ("F32", lat)}, {"ids": json.dumps([5, "a/b", "a/b"])})
     s = read_shard(data, "z.safetensors")
     assert s[0].id == "z-000000" and "id must be a string" in s[0].error
     assert s[1].error is None and s[1].id == codecs.sanitize_id("a/b")
