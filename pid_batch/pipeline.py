@@ -235,8 +235,9 @@ class RunResult:
         # the summary's table.
         return 1 if self.summary.get("error", 0) or self.errors or self.shards_unfinished else 0
 
-    def note_reason(self, reason: str) -> None:
-        """Count one of this run's errors under its reason (20 reasons at most)."""
+    def note_reason(self, message: str | None) -> None:
+        """Count one of this run's errors under its timing.error_reason (20 reasons at most)."""
+        reason = error_reason(message)
         if reason in self.reasons or len(self.reasons) < 20:
             self.reasons[reason] = self.reasons.get(reason, 0) + 1
 
@@ -536,7 +537,7 @@ def _decode(job: JobConfig, plan: resume.Plan, result: RunResult, log: TextIO | 
                     if status != "ok":
                         failed[key] += 1
                         result.failed([str(sid)])
-                        result.note_reason(error_reason(error if isinstance(error, str) else None))
+                        result.note_reason(error if isinstance(error, str) else None)
                     if seen[key] == int(pending):
                         result.shards_done += 1
                         finished.add(key)

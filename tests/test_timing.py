@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pid_batch import codecs, inspect_data, report, summary, timing
+from pid_batch import codecs, inspect_data, pipeline, report, summary, timing
 from pid_batch.timing import error_reason
 
 # --- schema and rows ----------------------------------------------------------------------------
@@ -77,7 +77,8 @@ def test_error_reason_groups_alike_messages():
 
 
 def test_summary_report_and_inspect_group_errors_alike(tmp_path):
-    """summary.json, `pid-batch summary`, the report and `inspect` count the same reasons."""
+    """summary.json (the output's and this run's counts), `pid-batch summary`, the report and
+    `inspect` count the same reasons."""
     msgs = [
         "decode failed: RuntimeError: boom",
         "decode failed: RuntimeError: boom",
@@ -97,6 +98,10 @@ def test_summary_report_and_inspect_group_errors_alike(tmp_path):
     assert s["errors_by_reason"] == want
     for reason, n in want.items():
         assert f"error x{n}: {reason}" in summary.format_summary(s)
+    this_run = pipeline.RunResult(summary={})
+    for m in msgs:
+        this_run.note_reason(m)
+    assert this_run.reasons == want
     html, _ = report._errors_html(table)
     for reason, n in want.items():
         assert f'<td class="num">{n}</td><td>{reason}</td>' in html
