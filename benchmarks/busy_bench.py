@@ -130,7 +130,7 @@ def write_shards(
 def run_probed(job, probe: type, probe_dir: str) -> tuple[float, float, dict, Any]:
     """pipeline.run with DecodeActor wrapped by `probe`; (start, end, per-actor calls, result)."""
     from pid_batch import pipeline
-    from pid_batch.summary import read_timing
+    from pid_batch.timing import read_timing
 
     probe_cls = type(
         f"Probed{probe.__name__}", (probe, pipeline.DecodeActor), {"probe_dir": probe_dir}

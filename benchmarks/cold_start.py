@@ -141,7 +141,7 @@ def write_checkpoint(path: Path) -> None:
 def run_config(name: str, args, root: str, ckpt: str, cache_dir: str) -> dict[str, Any]:
     from pid_batch import pipeline
     from pid_batch.job import JobConfig, ModelConfig, OutputConfig, ResourceConfig
-    from pid_batch.summary import read_timing
+    from pid_batch.timing import read_timing
 
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir  # before Ray starts: workers inherit it
     out = f"{root}/out-{name}"

@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pid_batch import codecs  # noqa: E402
+from pid_batch.codecs import images  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from busy_bench import machine, print_table  # noqa: E402
@@ -49,12 +50,12 @@ def test_images(size: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 def _pillow_jpeg_420(img: np.ndarray) -> bytes:
     """codecs.encode_image with its chroma subsampling switched to 4:2:0 for this call."""
-    saved = codecs.JPEG_SUBSAMPLING
-    codecs.JPEG_SUBSAMPLING = 2
+    saved = images.JPEG_SUBSAMPLING  # read by encode_image from its own module
+    images.JPEG_SUBSAMPLING = 2
     try:
         return codecs.encode_image(img, "jpeg", 95)
     finally:
-        codecs.JPEG_SUBSAMPLING = saved
+        images.JPEG_SUBSAMPLING = saved
 
 
 def encoders() -> tuple[dict[str, tuple[str, Callable[[np.ndarray], bytes], bool]], list[str]]:

@@ -231,7 +231,7 @@ def audit(out: str, ids: list[str]) -> dict[str, Any]:
 
     from pid_batch import storage
     from pid_batch.layout import relative
-    from pid_batch.summary import latest_per_id, read_timing_parts
+    from pid_batch.timing import latest_per_id, read_timing_parts
 
     raw = read_timing_parts(out)
     table = latest_per_id(raw)
@@ -260,7 +260,7 @@ def per_node(out: str) -> list[dict[str, Any]]:
     """Ok rows grouped by (node id, host, accelerator class, micro-batch): where work ran."""
     import pyarrow.compute as pc
 
-    from pid_batch.summary import read_timing
+    from pid_batch.timing import read_timing
 
     t = read_timing(out)
     t = t.filter(pc.equal(t.column("status"), "ok"))
@@ -296,7 +296,7 @@ def steady_throughput(out: str, scale: float, cluster_kinds: dict[str, str]) -> 
     actor's last call; calls overlapping an edge count in proportion. Node rates: the rate of
     each node that ran decode actors (kinds from cluster_kinds: Ray node id → kind).
     """
-    from pid_batch.summary import read_timing
+    from pid_batch.timing import read_timing
 
     t = read_timing(out)
     calls = actor_calls(t)  # actor → [(start s, busy s, rows)]
@@ -417,7 +417,7 @@ def scenario(
 
 def actor_first_calls(out: str) -> dict[str, tuple[float, str, int]]:
     """Per actor process (host:pid): (its first call's start epoch s, its Ray node id, ok rows)."""
-    from pid_batch.summary import read_timing
+    from pid_batch.timing import read_timing
 
     t = read_timing(out)
     first: dict[str, tuple[float, str, int]] = {}

@@ -61,11 +61,11 @@ def _timing_template(rows: int):
     import numpy as np
     import pyarrow as pa
 
-    from pid_batch import codecs
+    from pid_batch import timing
     from pid_batch.config import PAPER_GB200_MS_PER_2048
 
     t0 = 1.7e9
-    base = codecs.timing_table(
+    base = timing.timing_table(
         [
             {
                 "id": f"x{i:07d}",
@@ -114,7 +114,8 @@ def phase_make(a: dict) -> dict:
     import pyarrow.parquet as pq
 
     from pid_batch import storage
-    from pid_batch.layout import marker_uri, timing_dir, timing_uri
+    from pid_batch.layout import marker_uri
+    from pid_batch.timing import timing_dir, timing_uri
 
     inp, out, shards, per = a["input"], a["output"], a["shards"], a["per_shard"]
     base, np, pa = _timing_template(per)

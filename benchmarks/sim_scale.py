@@ -195,7 +195,7 @@ def run_once(
 
     from pid_batch import pipeline
     from pid_batch.job import JobConfig, ModelConfig, OutputConfig, ResourceConfig
-    from pid_batch.summary import read_timing
+    from pid_batch.timing import read_timing
 
     res_kw, patch = _variant(variant)
     tmp = tempfile.mkdtemp(prefix="pidsim-")

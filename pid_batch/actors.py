@@ -18,6 +18,7 @@ import numpy as np
 from pid_batch import storage
 from pid_batch.job import JobConfig
 from pid_batch.layout import Batch, cell_str, objects, pack_image
+from pid_batch.redaction import redact
 from pid_batch.sample_checks import net_config_for, validate_latent_shape
 
 
@@ -80,7 +81,7 @@ class VaeStage:
                 except Exception as e:
                     status[i], error[i] = (
                         "error",
-                        f"sample {sid!r}: VAE encode failed: {storage.redact(str(e))}",
+                        f"sample {sid!r}: VAE encode failed: {redact(str(e))}",
                     )
                     continue
                 latent[i], shape[i], height[i], width[i] = z.tobytes(), list(z.shape), h, w
@@ -91,7 +92,7 @@ class VaeStage:
                     (img,) = self.codec.decode([torch.from_numpy(z.copy())])
                     baseline[i], baseline_ms[i] = pack_image(img), self.codec.last_decode_ms
                 except Exception as e:  # the PiD image can still be made: keep the row pending
-                    error[i] = f"baseline decode failed: {storage.redact(str(e))}"
+                    error[i] = f"baseline decode failed: {redact(str(e))}"
         out.update(
             status=np.asarray(status, dtype=object),
             error=objects(error),
@@ -235,7 +236,7 @@ class DecodeStage:
             )
         except Exception as e:
             status[i] = "error"
-            error[i] = f"decode failed: {type(e).__name__}: {storage.redact(str(e))}"[:2000]
+            error[i] = f"decode failed: {type(e).__name__}: {redact(str(e))}"[:2000]
             return
         images[i] = res.images[0].tobytes()
         decode_ms[i] = res.decode_ms[0]

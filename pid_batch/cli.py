@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     except (JobConfigError, FileNotFoundError, ValueError, OSError) as e:
         if args.verbose:
             raise
-        from pid_batch.storage import redact
+        from pid_batch.redaction import redact
 
         print(f"pid-batch: error: {redact(str(e))} (--verbose for the traceback)", file=sys.stderr)
         return 2

@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pid_batch import codecs, storage
-from pid_batch.summary import error_reason
+from pid_batch import codecs, storage, timing
+from pid_batch.redaction import redact
 
 MAX_EXAMPLES = 3  # example ids kept per problem
 
@@ -36,7 +36,7 @@ def _read(uri: str) -> tuple[str, list[codecs.LatentSample] | str, Counter]:
     except codecs.ShardError as e:
         return uri, e.reason, Counter()
     except Exception as e:
-        return uri, f"{type(e).__name__}: {storage.redact(str(e))}", Counter()
+        return uri, f"{type(e).__name__}: {redact(str(e))}", Counter()
     return uri, samples, _stored_dtypes(data, uri, len(samples))
 
 
@@ -80,7 +80,7 @@ def inspect_dataset(uri: str, limit: int | None = None) -> dict[str, Any]:
                     for part in s.error.split("; "):
                         # grouped by the number-free reason; the first message is shown as it was
                         p = problems.setdefault(
-                            error_reason(part), {"count": 0, "message": part, "examples": []}
+                            timing.error_reason(part), {"count": 0, "message": part, "examples": []}
                         )
                         p["count"] += 1
                         if len(p["examples"]) < MAX_EXAMPLES:

@@ -60,17 +60,6 @@ def image_uri(out: str, sample_id: str, fmt: str) -> str:
     return storage.join(out, "images", f"{sample_id}.{codecs.IMAGE_FORMATS[fmt]}")
 
 
-def timing_dir(out: str, key: str) -> str:
-    """<out>/timing/<shard key>/: the shard's timing parts (Parquet), one per encode batch."""
-    return storage.join(out, "timing", key)
-
-
-def timing_uri(out: str, key: str) -> str:
-    """<out>/timing/<shard key>.parquet: the shard's parts compacted into one table once it
-    finishes (writer.compact_timing); its metadata names the parts it absorbed."""
-    return storage.join(out, "timing", f"{key}.parquet")
-
-
 def marker_uri(out: str, key: str) -> str:
     """<out>/_done/<shard key>.json: written last, once every sample of the shard has an ok row;
     it holds the input fingerprint the shard was decoded from (writer.finish_shard)."""

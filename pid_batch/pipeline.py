@@ -33,7 +33,9 @@ import ray  # noqa: E402
 
 from pid_batch import lease, reader, resume, storage, writer  # noqa: E402
 from pid_batch.job import JobConfig, JobConfigError  # noqa: E402
-from pid_batch.summary import error_reason, format_summary, summarize_output  # noqa: E402
+from pid_batch.redaction import redact  # noqa: E402
+from pid_batch.summary import format_summary, summarize_output  # noqa: E402
+from pid_batch.timing import error_reason  # noqa: E402
 
 _FORWARDED_ENV = (
     "AWS_ENDPOINT_URL",
@@ -127,7 +129,7 @@ class _StageActor:
         except Exception as e:
             if ledger is None:
                 raise
-            message = " ".join(f"{type(e).__name__}: {storage.redact(str(e))}".split())
+            message = " ".join(f"{type(e).__name__}: {redact(str(e))}".split())
             ray.get(ledger.failed.remote(message[:2000]))
 
     def _where(self, actors) -> tuple:
@@ -233,8 +235,9 @@ class RunResult:
         # the summary's table.
         return 1 if self.summary.get("error", 0) or self.errors or self.shards_unfinished else 0
 
-    def note_reason(self, reason: str) -> None:
-        """Count one of this run's errors under its reason (20 reasons at most)."""
+    def note_reason(self, message: str | None) -> None:
+        """Count one of this run's errors under its timing.error_reason (20 reasons at most)."""
+        reason = error_reason(message)
         if reason in self.reasons or len(self.reasons) < 20:
             self.reasons[reason] = self.reasons.get(reason, 0) + 1
 
@@ -534,7 +537,7 @@ def _decode(job: JobConfig, plan: resume.Plan, result: RunResult, log: TextIO | 
                     if status != "ok":
                         failed[key] += 1
                         result.failed([str(sid)])
-                        result.note_reason(error_reason(error if isinstance(error, str) else None))
+                        result.note_reason(error if isinstance(error, str) else None)
                     if seen[key] == int(pending):
                         result.shards_done += 1
                         finished.add(key)
@@ -564,8 +567,7 @@ def _decode(job: JobConfig, plan: resume.Plan, result: RunResult, log: TextIO | 
             cause = e.cause if e.cause is not None else e
             result.shards_unfinished += 1
             result.note_reason(
-                f"finishing a shard failed: {type(cause).__name__}: "
-                f"{storage.redact(str(cause))[:300]}"
+                f"finishing a shard failed: {type(cause).__name__}: {redact(str(cause))[:300]}"
             )
     watch.line(final=True)
 
@@ -610,7 +612,7 @@ def _summarize(
         try:
             storage.write_json_atomic(storage.join(job.output, "summary.json"), result.summary)
         except OSError as e:  # e.g. a full disk: the summary still reaches the user
-            result.summary["summary_not_written"] = storage.redact(str(e))
+            result.summary["summary_not_written"] = redact(str(e))
     if out is not None:
         print(format_summary(result.summary), file=out, flush=True)
     return result

@@ -37,7 +37,7 @@ PAPER_SOURCES = {
 # Output bytes per pixel (low = smooth photo, high = texture-heavy), from the 2048² encoder
 # measurements on the 2-core development machine (Pillow 13): JPEG q95 4:2:0
 # 0.70 / 3.1 MB, PNG level 1 3.8 / 10.6 MB, WebP q90 method 0 0.29 / 2.2 MB, divided by 2048².
-# pid-batch writes JPEG 4:4:4, which codecs.py measured at 1.3-1.5x the 4:2:0 bytes.
+# pid-batch writes JPEG 4:4:4, which codecs/images.py measured at 1.3-1.5x the 4:2:0 bytes.
 _PX = 2048 * 2048
 BYTES_PER_PIXEL: dict[str, tuple[float, float]] = {
     "jpeg": (0.70e6 / _PX * 1.3, 3.1e6 / _PX * 1.5),

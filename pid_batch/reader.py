@@ -18,6 +18,7 @@ from pid_batch.backbones import CheckpointSpec
 from pid_batch.backbones.arrays import to_pid_array
 from pid_batch.job import JobConfig
 from pid_batch.layout import Batch, image_sample_id, objects, sample_seed
+from pid_batch.redaction import redact
 from pid_batch.sample_checks import check_backbone, net_config_for, validate_latent_shape
 from pid_batch.writer import finish_shard
 
@@ -114,7 +115,7 @@ def read_shard(batch: Batch, job: JobConfig, duplicates: Any = None) -> Batch:
                 f"{key}",
                 -1,
                 "error",
-                f"shard unreadable: {storage.redact(str(e))}",
+                f"shard unreadable: {redact(str(e))}",
                 spec,
                 fp,
             )
@@ -153,7 +154,7 @@ def read_shard(batch: Batch, job: JobConfig, duplicates: Any = None) -> Batch:
                         max_output_megapixels=job.sampling.max_output_megapixels,
                     )
                 except (ValueError, TypeError) as e:
-                    _add(rows, key, s.id, s.index, "error", storage.redact(str(e)), spec, fp)
+                    _add(rows, key, s.id, s.index, "error", redact(str(e)), spec, fp)
                     rows["source_id"][-1] = s.source_id or ""
                 else:
                     _add(rows, key, s.id, s.index, "pending", None, spec, fp)
@@ -230,7 +231,7 @@ def read_images(batch: Batch, job: JobConfig) -> Batch:
                     sample_id,
                     index,
                     "error",
-                    f"sample {sample_id!r}: unreadable image: {storage.redact(str(e))}",
+                    f"sample {sample_id!r}: unreadable image: {redact(str(e))}",
                     spec,
                     fp,
                 )

@@ -23,8 +23,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from pid_batch import storage
-from pid_batch.summary import error_reason, read_timing, summarize
+from pid_batch import storage, timing
+from pid_batch.redaction import redact
+from pid_batch.summary import summarize
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 HIST_STAGES = ("read_ms", "queue_ms", "text_ms", "decode_ms", "encode_ms", "write_ms")
@@ -234,21 +235,14 @@ def _summary_html(s: dict[str, Any]) -> str:
 
 def _errors_html(table: pa.Table) -> tuple[str, str]:
     """(errors-by-reason table, failed-samples table) as HTML."""
-    errs = table.filter(pc.equal(table.column("status"), "error")) if table.num_rows else table
-    if not errs.num_rows:
+    counts = timing.errors_by_reason(table)
+    if not counts:
         return "<p>No errors.</p>", ""
-    # Counted in Arrow per distinct message; Python sees each message once, never each row.
-    per_msg = errs.group_by("error", use_threads=False).aggregate(
-        [("id", "count"), ("id", "first")]
-    )
-    counts: dict[str, list] = {}
-    for msg, n, example in zip(*(per_msg.column(c).to_pylist() for c in per_msg.column_names)):
-        entry = counts.setdefault(error_reason(msg), [0, example])
-        entry[0] += n
+    errs = table.filter(pc.equal(table.column("status"), "error"))
     rows = errs.select(["id", "shard", "error"])[:MAX_ERROR_ROWS].to_pylist()
     by_reason = "".join(
         f'<tr><td class="num">{n}</td><td>{_esc(reason)}</td><td>{_esc(example)}</td></tr>'
-        for reason, (n, example) in sorted(counts.items(), key=lambda kv: -kv[1][0])
+        for reason, (n, example) in counts.items()
     )
     detail = "".join(
         f"<tr><td>{_esc(r['id'])}</td><td>{_esc(r['shard'])}</td>"
@@ -344,13 +338,13 @@ def _load(uri: str | None) -> tuple | str | None:
     try:
         return _thumb_and_crop(_read_output(uri))
     except Exception as e:  # a broken output should not stop the report
-        return f"{uri}: {type(e).__name__}: {storage.redact(str(e))}"
+        return f"{uri}: {type(e).__name__}: {redact(str(e))}"
 
 
 def write_report(out: str, dest: str | None = None, max_images: int = 24) -> str:
     """Write `<dest>/index.html` + PNGs (dest defaults to `<out>/report`); returns the index URI."""
     dest = dest or storage.join(out, "report")
-    table = read_timing(out)
+    table = timing.read_timing(out)
     run = storage.read_json(storage.join(out, "run.json")) if storage.exists(
         storage.join(out, "run.json")
     ) else None  # fmt: skip

@@ -6,7 +6,6 @@ Torch-free: the driver and Ray's id-listing tasks import it.
 from __future__ import annotations
 
 import hashlib
-import io
 import time
 import uuid
 from collections import defaultdict
@@ -15,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from pid_batch import codecs, storage, timing
 from pid_batch.job import IMAGE_SUFFIXES, JobConfig, JobConfigError
@@ -28,8 +26,6 @@ from pid_batch.layout import (
     relative,
     shard_key,
     tar_uri,
-    timing_dir,
-    timing_uri,
 )
 
 
@@ -196,10 +192,10 @@ def supersede(job: JobConfig, changed: list[Shard]) -> None:
         for uri in claims:
             storage.delete(tar_uri(out, s.key, int(uri.rsplit("/", 1)[1][: -len(".json")])))
         storage.delete(legacy_tar_uri(out, s.key))
-        parts = _listed(timing_dir(out, s.key), suffixes=(".parquet",))
+        parts = _listed(timing.timing_dir(out, s.key), suffixes=(".parquet",))
         for uri in _listed(storage.join(out, "_staging", s.key)) + claims + parts:
             storage.delete(uri)
-        storage.delete(timing_uri(out, s.key))
+        storage.delete(timing.timing_uri(out, s.key))
         storage.delete(marker_uri(out, s.key))
 
     with ThreadPoolExecutor(min(PLAN_THREADS, len(changed))) as pool:
@@ -366,19 +362,13 @@ def record_lost(job: JobConfig, item: dict[str, Any], seen: set[str]) -> list[st
                 "status": "error",
                 "error": LOST_REASON,
                 "backbone": job.model.spec.backbone,
-                "variant": job.model.variant_label,
-                "checkpoint": job.model.spec.experiment,
-                "steps": job.sampling.steps,
+                **timing.job_columns(job),
                 "input_fingerprint": item["fingerprint"],
                 "started_at": now,
                 "finished_at": now,
             }
             for sid, i in lost
         ]
-        buf = io.BytesIO()
-        pq.write_table(codecs.timing_table(rows), buf)
         name = f"part-lost-{uuid.uuid4().hex[:12]}.parquet"
-        storage.write_bytes_atomic(
-            storage.join(timing_dir(job.output, item["key"]), name), buf.getvalue()
-        )
+        timing.write_part(job.output, item["key"], name, timing.timing_table(rows))
     return [sid for sid, _ in lost]

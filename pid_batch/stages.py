@@ -22,7 +22,6 @@ from pid_batch.layout import (
     shard_key,
     staging_uri,
     tar_uri,
-    timing_dir,
 )
 from pid_batch.layout import cell_str as _str
 from pid_batch.layout import objects as _objects
@@ -38,6 +37,7 @@ from pid_batch.resume import (
     record_lost,
     shard_ids,
 )
+from pid_batch.timing import timing_dir
 from pid_batch.writer import assemble_tar, encode_write, finish_shard
 
 __all__ = [

@@ -1,4 +1,5 @@
-"""URIs → filesystems, retried atomic IO, secret redaction and a per-node weight cache (pyarrow.fs)."""
+"""URIs → filesystems, retried atomic IO and a per-node weight cache (pyarrow.fs); errors come out
+redacted (pid_batch.redaction)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from pid_batch.redaction import redact, scrubbed
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -37,60 +40,6 @@ RETRY_BASE_DELAY_S = 0.5
 RETRY_MAX_DELAY_S = 8.0
 CHUNK_BYTES = 8 << 20
 DIR_MARKER = ".pid-batch-complete.json"
-
-# ---------------------------------------------------------------------------------------------
-# Secret redaction
-
-
-_SECRET_NAMES = (
-    r"aws_secret_access_key|aws_session_token|aws_security_token|secret_access_key|secret_key|"
-    r"session_token|security_token|x-amz-security-token|x-amz-credential|x-amz-signature|"
-    r"awsaccesskeyid|signature|password|passwd|token|access_key|aws_access_key_id"
-)
-_REDACTIONS: tuple[tuple[re.Pattern[str], str], ...] = (
-    # Query strings of (presigned) URLs: keep scheme/host/path, drop every parameter.
-    (
-        re.compile(
-            r"(?i)((?:https?|s3)://[^\s?#\"'<>]*)\?[^\s\"'<>]*(?:x-amz-|signature=|awsaccesskeyid=|token=|sig=)[^\s\"'<>]*"
-        ),
-        r"\1?[REDACTED]",
-    ),
-    (re.compile(r"(?i)(authorization\s*[:=]\s*)[^\r\n]+"), r"\1[REDACTED]"),
-    (re.compile(rf"(?i)\b({_SECRET_NAMES})(\"?\s*[:=]\s*[\"']?)[^\s\"'&,;}}]+"), r"\1\2[REDACTED]"),
-    (
-        re.compile(r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|AIPA|ANPA|ANVA|AKPA|ABIA|ACCA)[A-Z0-9]{12,}\b"),
-        "[REDACTED-KEY-ID]",
-    ),
-    # Session tokens / long base64 blobs.
-    (re.compile(r"[A-Za-z0-9/+]{100,}={0,2}"), "[REDACTED-TOKEN]"),
-    # 40-char secret access keys: base64 alphabet with upper, lower and digit (hex digests don't match).
-    (
-        re.compile(
-            r"(?<![A-Za-z0-9/+=])(?=[A-Za-z0-9/+]*[A-Z])(?=[A-Za-z0-9/+]*[a-z])(?=[A-Za-z0-9/+]*[0-9])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])"
-        ),
-        "[REDACTED-SECRET]",
-    ),
-)
-
-
-def redact(text: str) -> str:
-    """Remove AWS key ids, secret keys, session tokens and presigned-URL query strings from text."""
-    for pattern, repl in _REDACTIONS:
-        text = pattern.sub(repl, text)
-    return text
-
-
-def _scrubbed(exc: BaseException) -> BaseException:
-    """The same exception, or a copy of its type whose message has been redacted."""
-    msg = str(exc)
-    clean = redact(msg)
-    if clean == msg:
-        return exc
-    try:
-        return type(exc)(clean)
-    except Exception:
-        return OSError(clean)
-
 
 # ---------------------------------------------------------------------------------------------
 # Retries
@@ -138,7 +87,7 @@ def retry(
             return fn()
         except Exception as exc:
             if attempt == attempts or not is_transient(exc):
-                clean = _scrubbed(exc)
+                clean = scrubbed(exc)
                 if clean is exc:
                     raise
                 raise clean from None

@@ -1,8 +1,7 @@
-"""Read a run's timing table back and summarise it: counts, errors, throughput, stage percentiles."""
+"""A run's timing table summarised: counts, errors by reason, throughput, stage percentiles."""
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -13,52 +12,17 @@ import pyarrow.compute as pc
 
 from pid_batch import timing
 
-_PREFIX = re.compile(r"^\S+\[\d+\] id=(?:'[^']*'|\"[^\"]*\"): ")
-
-
-def error_reason(message: str | None) -> str:
-    """A sample's error message without its shard/id prefix and numbers, so alike errors group."""
-    msg = _PREFIX.sub("", message or "unknown")
-    msg = re.sub(r"sample (?:'[^']*'|\"[^\"]*\"): ", "", msg)  # decoder/latent errors
-    msg = re.sub(r"\b(id=?\s?)('[^']*'|\"[^\"]*\")", r"\1…", msg)  # "duplicate id 'x'"
-    msg = re.sub(r"\d+(\.\d+)?", "N", msg)
-    return msg[:120]
-
-
 STAGES = ("read_ms", "queue_ms", "text_ms", "decode_ms", "encode_ms", "write_ms")
-
-
-READ_THREADS = 32
 MAX_REASONS = 1000  # distinct error reasons counted one by one; the rest under OTHER_REASONS
 OTHER_REASONS = "(other reasons)"
-
-
-def read_timing(out: str) -> pa.Table:
-    """All timing rows under `<out>/timing/`, one row per sample (see latest_per_id)."""
-    return latest_per_id(read_timing_parts(out))
-
-
-def read_timing_parts(out: str) -> pa.Table:
-    """Every row written under `<out>/timing/` (attempts repeat), compacted tables included."""
-    from pid_batch.codecs import TIMING_SCHEMA
-
-    idx = timing.index(out)
-    if not idx:
-        return TIMING_SCHEMA.empty_table()
-    # Shards read side by side: the time is round trips.
-    with ThreadPoolExecutor(min(READ_THREADS, len(idx))) as pool:
-        tables = [t for t in pool.map(lambda kv: timing.shard_rows(out, *kv), idx.items()) if t]
-    if not tables:
-        return TIMING_SCHEMA.empty_table()
-    return pa.concat_tables(tables, promote_options="default")
 
 
 def summarize_output(
     out: str, current: dict[str, str] | None = None, run: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """summarize(latest_per_id(...)) of a whole output, one shard at a time: shards are read
+    """summarize(timing.latest_per_id(...)) of a whole output, one shard at a time: shards are read
     side by side and each reduced to counts and its ok rows' stage times (float32) at once, so
-    memory is ~28 bytes per sample, never the table. `current` as in latest_per_id."""
+    memory is ~28 bytes per sample, never the table. `current` as in timing.latest_per_id."""
     idx = timing.index(out)
     keys = sorted(idx)
     total, gone_rows, gone_shards = _Totals(), 0, 0
@@ -67,82 +31,17 @@ def summarize_output(
         raw = timing.shard_rows(out, key, idx[key])
         if raw is None:
             return _Totals(), 0, False
-        table = latest_per_id(raw, current)
-        if current is None:
-            gone = 0
-        else:
-            gone = orphans(raw, current)["rows"]
+        table = timing.latest_per_id(raw, current)
+        gone = 0 if current is None else timing.orphans(raw, current)["rows"]
         return _Totals.of(table), gone, gone > 0
 
     if keys:
-        with ThreadPoolExecutor(min(READ_THREADS, len(keys))) as pool:
+        with ThreadPoolExecutor(min(timing.READ_THREADS, len(keys))) as pool:
             for part, gone, any_gone in pool.map(one, keys):
                 total.merge(part)
                 gone_rows += gone
                 gone_shards += any_gone
     return total.render(run, {"rows": gone_rows, "shards": gone_shards})
-
-
-def _current_mask(table: pa.Table, current: dict[str, str]) -> pa.ChunkedArray:
-    """Rows of a current input shard made from its current content (or before fingerprints)."""
-    fp = table.column("input_fingerprint")
-    pairs = pc.binary_join_element_wise(table.column("shard"), fp, "\x00")
-    want = pa.array([f"{k}\x00{v}" for k, v in current.items()], pa.string())
-    in_input = pc.is_in(table.column("shard"), value_set=pa.array(list(current), pa.string()))
-    return pc.and_(in_input, pc.or_(pc.is_null(fp), pc.fill_null(pc.is_in(pairs, want), False)))
-
-
-def orphans(raw: pa.Table, current: dict[str, str]) -> dict[str, int]:
-    """Rows no current input accounts for: shards deleted from the input, or old content."""
-    if raw.num_rows == 0:
-        return {"rows": 0, "shards": 0}
-    gone = raw.filter(pc.invert(_current_mask(raw, current)))
-    return {"rows": gone.num_rows, "shards": len(pc.unique(gone.column("shard")))}
-
-
-def latest_per_id(table: pa.Table, current: dict[str, str] | None = None) -> pa.Table:
-    """One row per sample (shard, index): the latest attempt of the current content wins.
-
-    - current (shard key → fingerprint, from the run's plan): rows of other shards or of other
-      content are dropped. Without it, each shard's current content is that of its latest row.
-    - A shard-level error row (index -1, "shard unreadable") is dropped once the shard was read
-      (it has rows of its samples).
-    - Of the rest, an ok row beats an error row, then the latest wins. Keyed by position, not
-      id: a repeated id is a sample of its own whose error row must be counted.
-    Vectorised (Arrow and numpy): no Python object per row.
-    """
-    if table.num_rows == 0:
-        return table
-    if "input_fingerprint" not in table.column_names:
-        table = table.append_column("input_fingerprint", pa.nulls(table.num_rows, pa.string()))
-    fin = table.column("finished_at").cast(pa.int64()).to_numpy(zero_copy_only=False)
-    shard = pc.dictionary_encode(table.column("shard").combine_chunks())
-    code = shard.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    if current is None:  # each shard's current content: that of its latest row
-        fp = table.column("input_fingerprint").to_numpy(zero_copy_only=False)
-        last = np.lexsort((fin, code))
-        ends = np.r_[np.nonzero(np.diff(code[last]))[0], len(last) - 1]
-        latest = np.empty(len(shard.dictionary), dtype=object)
-        latest[code[last[ends]]] = fp[last[ends]]
-        col = table.column("input_fingerprint")
-        same = pc.fill_null(pc.equal(col, pa.array(latest[code], pa.string())), False)
-        keep = pc.or_(pc.is_null(col), same)
-    else:
-        keep = _current_mask(table, current)
-    keep = keep.to_numpy(zero_copy_only=False).astype(bool)
-    index = table.column("index").to_numpy(zero_copy_only=False).astype(np.int64)
-    read = np.zeros(len(shard.dictionary), dtype=bool)
-    read[code[keep & (index >= 0)]] = True
-    keep &= ~((index < 0) & read[code])
-    ok = pc.equal(table.column("status"), "ok").to_numpy(zero_copy_only=False).astype(np.int8)
-    rows = np.nonzero(keep)[0]
-    if rows.size == 0:  # e.g. a shard no longer in the input
-        return table.slice(0, 0)
-    order = rows[np.lexsort((fin[rows], ok[rows], index[rows], code[rows]))]
-    last_of_group = np.r_[
-        (code[order][1:] != code[order][:-1]) | (index[order][1:] != index[order][:-1]), True
-    ]
-    return table.take(pa.array(np.sort(order[last_of_group]), pa.int64()))
 
 
 def _pct(values: np.ndarray) -> dict[str, float]:
@@ -156,9 +55,6 @@ def _pct(values: np.ndarray) -> dict[str, float]:
         "p99": round(float(p99), 3),
         "mean": round(float(values.mean(dtype=np.float64)), 3),
     }
-
-
-_PREFIXED = ("decode failed", "write failed", "shard unreadable")
 
 
 def _floats(col: pa.ChunkedArray) -> np.ndarray:
@@ -191,15 +87,8 @@ class _Totals:
         t.samples = table.num_rows
         if not t.samples:
             return t
+        t._add_errors({r: n for r, (n, _) in timing.errors_by_reason(table).items()})
         status = table.column("status")
-        err = pc.fill_null(table.filter(pc.equal(status, "error")).column("error"), "unknown")
-        if len(err):
-            prefixed = pc.or_(
-                pc.or_(pc.starts_with(err, _PREFIXED[0]), pc.starts_with(err, _PREFIXED[1])),
-                pc.starts_with(err, _PREFIXED[2]),
-            )
-            head = pc.list_element(pc.split_pattern(err, ":", max_splits=1), 0)
-            t._add_errors(_counts(pc.if_else(prefixed, head, err)))
         okt = table.filter(pc.equal(status, "ok"))
         t.ok = okt.num_rows
         if not t.ok:
@@ -272,7 +161,7 @@ class _Totals:
 def summarize(
     table: pa.Table, run: dict[str, Any] | None = None, orphans: dict[str, int] | None = None
 ) -> dict[str, Any]:
-    """Job summary from a deduplicated timing table (see read_timing); `orphans`: rows left by
+    """Job summary from a deduplicated timing table (see timing.read_timing); `orphans`: rows left by
     inputs that no longer exist or changed, reported apart and not counted as samples.
     Aggregated in Arrow: no Python object per row."""
     return _Totals.of(table).render(run, orphans)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import io
 import json
 import tarfile
 import time
@@ -20,7 +19,6 @@ from collections import defaultdict
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from pid_batch import codecs, storage, timing
 from pid_batch.job import JobConfig
@@ -33,9 +31,9 @@ from pid_batch.layout import (
     objects,
     staging_uri,
     tar_uri,
-    timing_dir,
     unpack_image,
 )
+from pid_batch.redaction import redact
 
 
 def encode_write(batch: Batch, job: JobConfig, run_id: str | None = None) -> Batch:
@@ -75,7 +73,7 @@ def encode_write(batch: Batch, job: JobConfig, run_id: str | None = None) -> Bat
                 t2 = time.perf_counter()
             except Exception as e:
                 status[i] = "error"
-                error[i] = f"write failed: {type(e).__name__}: {storage.redact(str(e))}"
+                error[i] = f"write failed: {type(e).__name__}: {redact(str(e))}"
             else:
                 row.update(
                     encode_ms=(t1 - t0) * 1000,
@@ -96,7 +94,7 @@ def encode_write(batch: Batch, job: JobConfig, run_id: str | None = None) -> Bat
                     row["baseline_output"] = uri[len(out.rstrip("/")) + 1 :]
                 row["baseline_bytes"] = len(data)
             except Exception as e:  # the PiD image is written; report the missing baseline
-                error[i] = f"baseline write failed: {storage.redact(str(e))}"
+                error[i] = f"baseline write failed: {redact(str(e))}"
         row["status"], row["error"] = status[i], error[i]
         row["finished_at"] = _ts(time.time())
         rows.append(row)
@@ -117,12 +115,9 @@ def encode_write(batch: Batch, job: JobConfig, run_id: str | None = None) -> Bat
             if r["shard"] == key and r["status"] == "ok":
                 r["write_ms"] = share
     for key, part_rows in by_shard.items():
-        buf = io.BytesIO()
-        pq.write_table(codecs.timing_table(part_rows), buf)
+        table = timing.timing_table(part_rows)  # a bad row is a bug: raised, not an error row
         try:
-            storage.write_bytes_atomic(
-                storage.join(timing_dir(out, key), f"part-{part[key]}.parquet"), buf.getvalue()
-            )
+            timing.write_part(out, key, f"part-{part[key]}.parquet", table)
         except Exception as e:  # no row on disk: the returned rows carry the reason instead
             _fail(rows, status, error, key, f"timing write failed: {_reason(e)}", every=True)
             if key in staged:  # images without a row would reach a tar and be staged again
@@ -156,7 +151,7 @@ def _part_name(run_id: str, ids: list[str]) -> str:
 
 
 def _reason(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {storage.redact(str(exc))}"
+    return f"{type(exc).__name__}: {redact(str(exc))}"
 
 
 def _fail(
@@ -330,11 +325,9 @@ def _timing_row(batch: Batch, i: int, job: JobConfig) -> dict[str, Any]:
         "shard": str(get("shard")),
         "index": int(get("index")),
         "backbone": str(get("backbone")),
-        "variant": job.model.variant_label,
-        "checkpoint": job.model.spec.experiment,
+        **timing.job_columns(job),
         "height": int(get("height")),
         "width": int(get("width")),
-        "steps": job.sampling.steps,
         "seed": int(get("seed")),
         "sigma": None if np.isnan(float(get("sigma"))) else float(get("sigma")),
         "read_ms": float(get("read_ms")),

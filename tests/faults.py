@@ -425,7 +425,7 @@ def assert_exactly_once(out: str, ids: list[str], ok: list[str] | None = None) -
     never does, because an ok sample is never decoded again.
     """
     from pid_batch import storage
-    from pid_batch.summary import read_timing
+    from pid_batch.timing import read_timing
 
     ok = sorted(ids if ok is None else ok)
     rows = raw_timing_rows(out)

@@ -22,7 +22,7 @@ from safetensors.numpy import save as st_save
 
 from pid_batch import codecs, pipeline, stages, storage
 from pid_batch.job import JobConfigError, load_job
-from pid_batch.summary import read_timing
+from pid_batch.timing import read_timing
 
 HUGE_CAPTION = "a very long caption " * 50_000  # 1 MB
 

@@ -5,7 +5,6 @@ No Ray: the write side's functions are called directly, on local disk and a loop
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
@@ -14,11 +13,11 @@ from types import SimpleNamespace
 
 import boto3
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from pid_batch import codecs, pipeline, resume, storage, summary, timing, writer
-from pid_batch.layout import claim_uri, legacy_tar_uri, staging_uri, tar_uri, timing_dir
+from pid_batch.layout import claim_uri, legacy_tar_uri, staging_uri, tar_uri
+from pid_batch.timing import timing_dir
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -176,9 +175,7 @@ def _rows(key: str, ids: list[str], status: str = "ok", t: float = 1.0) -> list[
 
 
 def _part(out: str, key: str, name: str, rows: list[dict]) -> None:
-    buf = io.BytesIO()
-    pq.write_table(codecs.timing_table(rows), buf)
-    storage.write_bytes_atomic(storage.join(timing_dir(out, key), name), buf.getvalue())
+    timing.write_part(out, key, name, timing.timing_table(rows))
 
 
 def _sorted(t):
@@ -189,21 +186,21 @@ def test_compaction_crash_before_the_deletes_reads_as_the_same_table(root):
     out, key = root, "s.safetensors"
     _part(out, key, "part-a.parquet", _rows(key, ["x0", "x1"], "error"))
     _part(out, key, "part-b.parquet", _rows(key, ["x0", "x1"], t=5.0))
-    want = _sorted(summary.latest_per_id(summary.read_timing_parts(out)))
+    want = _sorted(timing.latest_per_id(timing.read_timing_parts(out)))
     saved = {u: storage.read_bytes(u) for u in storage.list_files(timing_dir(out, key))}
     assert timing.compact(out, key) == 2
     assert storage.list_files(storage.join(out, "timing")) == [
         storage.join(out, "timing", f"{key}.parquet")
     ]
-    assert summary.read_timing_parts(out).num_rows == 4
+    assert timing.read_timing_parts(out).num_rows == 4
     for u, data in saved.items():  # a crash between the table and the deletes
         storage.write_bytes_atomic(u, data)
-    assert summary.read_timing_parts(out).num_rows == 4  # absorbed parts are skipped
-    assert _sorted(summary.latest_per_id(summary.read_timing_parts(out))) == want
+    assert timing.read_timing_parts(out).num_rows == 4  # absorbed parts are skipped
+    assert _sorted(timing.latest_per_id(timing.read_timing_parts(out))) == want
     # The next finish folds the leftovers without counting them twice.
     _part(out, key, "part-c.parquet", _rows(key, ["x2"]))
     timing.compact(out, key)
-    assert summary.read_timing_parts(out).num_rows == 5
+    assert timing.read_timing_parts(out).num_rows == 5
     assert len(storage.list_files(storage.join(out, "timing"))) == 1
     assert resume.done_ids(out, key, "fp") == (["x0", "x1", "x2"], False)
 
@@ -278,14 +275,14 @@ def test_summary_of_an_output_matches_the_whole_table_summary(tmp_path):
             timing.compact(out, key)
     _part(out, "gone", "part-a.parquet", _rows("gone", ["g"]))
     current = {f"k{s}": "fp" for s in range(5)}
-    raw = summary.read_timing_parts(out)
+    raw = timing.read_timing_parts(out)
     want = summary.summarize(
-        summary.latest_per_id(raw, current), orphans=summary.orphans(raw, current)
+        timing.latest_per_id(raw, current), orphans=timing.orphans(raw, current)
     )
     got = summary.summarize_output(out, current)
     assert got == want
     assert (got["samples"], got["ok"], got["error"]) == (20, 15, 5)
-    assert got["errors_by_reason"] == {"decode failed": 5}
+    assert got["errors_by_reason"] == {"decode failed: boom": 5}  # timing.error_reason
     assert got["orphaned"] == {"rows": 1, "shards": 1}
 
 
@@ -332,7 +329,7 @@ def test_an_output_of_the_previous_layout_resumes(tmp_path):
     s = summary.summarize_output(out, {key: fp})
     assert (s["samples"], s["ok"]) == (3, 3)
     assert resume.plan_shards(job).todo == []  # done
-    table = summary.read_timing(out)
+    table = timing.read_timing(out)
     outputs = dict(zip(table.column("id").to_pylist(), table.column("output").to_pylist()))
     assert _read_output(storage.join(out, outputs[ids[0]])) == b"old-png"
     for i in ids[1:]:

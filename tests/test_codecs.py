@@ -1,10 +1,9 @@
-"""codecs: latent shard round trips and per-sample errors, ids, images, timing schema, tars."""
+"""codecs: latent shard round trips and per-sample errors, ids, images, tars."""
 
 from __future__ import annotations
 
 import io
 import json
-from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
@@ -14,6 +13,7 @@ from PIL import Image
 
 from pid_batch import codecs
 from pid_batch.codecs import ShardError, read_shard
+from pid_batch.codecs.safetensors_file import safetensors_bytes
 
 RNG = np.random.default_rng(0)
 
@@ -113,7 +113,7 @@ def test_packed_rank2_latents_accepted():
 
 def test_safetensors_seeds_from_metadata():
     lat = _latents(2)
-    data = codecs._safetensors_bytes({"latents": ("F32", lat)}, {"seeds": json.dumps([7, None])})
+    data = safetensors_bytes({"latents": ("F32", lat)}, {"seeds": json.dumps([7, None])})
     assert [s.seed for s in read_shard(data, "s.safetensors")] == [7, None]
 
 
@@ -168,7 +168,7 @@ def test_limits_configurable():
 
 def test_sigma_and_seed_validation():
     lat = _latents(3)
-    data = codecs._safetensors_bytes(
+    data = safetensors_bytes(
         {"latents": ("F32", lat), "sigmas": ("F32", np.array([0.2, 1.5, np.nan], np.float32))},
         {"seeds": json.dumps([1, "x", 2**70])},
     )
@@ -186,7 +186,7 @@ def test_seeds_tensor_must_be_integers(dtype):
     lat = _latents(2)
     st = {"float32": "F32", "float64": "F64", "uint64": "U64"}[np.dtype(dtype).name]
     seeds = np.array([1, 2], dtype)
-    data = codecs._safetensors_bytes({"latents": ("F32", lat), "seeds": (st, seeds)}, {})
+    data = safetensors_bytes({"latents": ("F32", lat), "seeds": (st, seeds)}, {})
     with pytest.raises(ShardError, match=rf"seeds must be integers: .*got {st} \[2\]"):
         read_shard(data, "s.safetensors")
 
@@ -246,7 +246,7 @@ def test_truncated_and_inconsistent_safetensors_are_shard_errors():
         ),
     ]:
         with pytest.raises(ShardError, match=reason):
-            read_shard(codecs._safetensors_bytes(tensors, meta), "t.safetensors")
+            read_shard(safetensors_bytes(tensors, meta), "t.safetensors")
 
 
 def test_unknown_suffix_is_shard_error():
@@ -359,9 +359,7 @@ def test_sanitize_id():
 
 def test_non_string_and_duplicate_sanitized_ids():
     lat = _latents(3)
-    data = codecs._safetensors_bytes(
-        {"latents": ("F32", lat)}, {"ids": json.dumps([5, "a/b", "a/b"])}
-    )
+    data = safetensors_bytes({"latents": ("F32", lat)}, {"ids": json.dumps([5, "a/b", "a/b"])})
     s = read_shard(data, "z.safetensors")
     assert s[0].id == "z-000000" and "id must be a string" in s[0].error
     assert s[1].error is None and s[1].id == codecs.sanitize_id("a/b")
@@ -418,57 +416,6 @@ def test_encode_image_validation():
     png = codecs.encode_image(img, "png", 95)  # quality is ignored for lossless formats
     assert png == codecs.encode_image(img, "png")
     assert codecs.IMAGE_FORMATS["jpeg"] == "jpg" and codecs.image_format("JPG") == "jpeg"
-
-
-# --- timing schema ----------------------------------------------------------------------------
-
-
-def _row(**kw) -> dict:
-    return {"id": "a", "shard": "s.safetensors", "index": 0, "status": "ok", **kw}
-
-
-def test_timing_table_fills_nulls_and_types():
-    t0 = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
-    t = codecs.timing_table(
-        [
-            _row(
-                decode_ms=12.5,
-                text_ms=3.0,
-                height=1024,
-                started_at=t0,
-                finished_at=np.float64(t0.timestamp() + 1.5),
-            ),
-            _row(id="b", index=1, status="error", error="boom"),
-        ]
-    )
-    assert t.schema.equals(codecs.TIMING_SCHEMA, check_metadata=True)
-    assert t.num_rows == 2 and t.column("width").null_count == 2
-    assert t.column("finished_at")[0].as_py() == datetime(2026, 1, 2, 3, 4, 7, 178000, tzinfo=UTC)
-    assert t.column("decode_ms").type == pa.float32() and t.column("seed").type == pa.int64()
-    assert codecs.timing_table([]).num_rows == 0
-
-
-def test_timing_table_rejects_bad_rows():
-    with pytest.raises(ValueError, match=r"lacks required columns \['id'\]"):
-        codecs.timing_table([{k: v for k, v in _row().items() if k != "id"}])
-    with pytest.raises(ValueError, match="unknown columns"):
-        codecs.timing_table([_row(decode_msec=1.0)])
-    with pytest.raises(ValueError, match="'ok' or 'error'"):
-        codecs.timing_table([_row(status="fine")])
-    with pytest.raises(ValueError, match="no error message"):
-        codecs.timing_table([_row(status="error")])
-
-
-def test_validate_timing_table():
-    good = codecs.timing_table([_row()])
-    codecs.validate_timing_table(good)
-    with pytest.raises(ValueError, match=r"missing \['id'\]"):
-        codecs.validate_timing_table(good.drop_columns(["id"]))
-    with pytest.raises(ValueError, match="unexpected"):
-        codecs.validate_timing_table(good.append_column("x", pa.array([1])))
-    i = good.schema.get_field_index("index")
-    with pytest.raises(ValueError, match="'index' has type int64"):
-        codecs.validate_timing_table(good.set_column(i, "index", pa.array([0], pa.int64())))
 
 
 # --- tars -------------------------------------------------------------------------------------

@@ -21,10 +21,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pid_batch import codecs, lease, pipeline, resume, storage
+from pid_batch import codecs, lease, pipeline, resume, storage, timing
 from pid_batch.job import JobConfig, JobConfigError, ModelConfig, OutputConfig, ResourceConfig
 from pid_batch.layout import shard_key
-from pid_batch.summary import latest_per_id, read_timing_parts
+from pid_batch.timing import latest_per_id, read_timing_parts
 
 HW = (2, 3)
 REPO = Path(__file__).resolve().parents[1]
@@ -169,7 +169,7 @@ def test_latest_per_id_keeps_current_content_and_drops_read_shard_errors():
             "input_fingerprint": fp,
         }
 
-    t = codecs.timing_table(
+    t = timing.timing_table(
         [
             row("a", 0, "ok", 1, "old"),  # superseded by the new content's error
             row("a", 0, "error", 2, "new"),

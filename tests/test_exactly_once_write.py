@@ -245,7 +245,7 @@ def test_original_id_kept_in_timing_and_tar_json(tmp_path):
     """'dir/name' is sanitised for keys; the timing row and the tar JSON keep it as given."""
     import pyarrow.parquet as pq
 
-    from pid_batch import summary
+    from pid_batch import timing
 
     job, rows = _decoded_rows(tmp_path, "tar")
     out = writer.encode_write(rows, job)
@@ -259,4 +259,4 @@ def test_original_id_kept_in_timing_and_tar_json(tmp_path):
     assert sorted(m["source_id"] for m in metas) == ["dir/name", "w.0", "w.2"]
     old = pq.read_table(part).drop_columns(["source_id"])  # a part written before the column
     pq.write_table(old.set_column(0, "id", old.column("id")), part)
-    assert summary.read_timing(job.output).num_rows == 3  # old parts stay readable
+    assert timing.read_timing(job.output).num_rows == 3  # old parts stay readable

@@ -11,7 +11,7 @@ from pid_batch import codecs, pipeline, storage
 from pid_batch.decoder import DecodeOutput, SampleError
 from pid_batch.fake import SleepDecoder
 from pid_batch.job import JobConfig, ModelConfig, OutputConfig, ResourceConfig
-from pid_batch.summary import read_timing
+from pid_batch.timing import read_timing
 
 
 def flux_tiny() -> ModelConfig:

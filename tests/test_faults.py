@@ -28,7 +28,7 @@ from faults import (
 )
 
 from pid_batch import pipeline, storage
-from pid_batch.summary import read_timing
+from pid_batch.timing import read_timing
 
 # 5 % 503 SlowDown + 6 % cut connections + 4 % added latency = 15 % of requests faulted; seed 7
 # gives >= 17 % faulted, every kind >= 2x, whatever the request count between 30 and 150.

@@ -5,7 +5,6 @@ nodes, one "gb200" node, logical GPUs) that loses a node and gains one mid-job."
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import sys
 from pathlib import Path
@@ -13,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import pytest
 
-from pid_batch import codecs, stages, storage, writer
+from pid_batch import codecs, stages, storage, timing, writer
 from pid_batch.job import JobConfigError, ModelConfig, ResourceConfig, load_job
-from pid_batch.summary import read_timing, read_timing_parts, summarize
+from pid_batch.summary import summarize
+from pid_batch.timing import read_timing, read_timing_parts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,21 +169,19 @@ def test_an_unlabelled_node_gets_the_defaults_and_null_columns(tmp_path):
 def _read_back_old_and_new(out: str, old, new):
     """Write an old-version and a new timing part of shard "s"; read the output's rows back."""
     for name, t in (("part-old.parquet", old), ("part-new.parquet", new)):
-        buf = io.BytesIO()
-        pq.write_table(t, buf)
-        storage.write_bytes_atomic(storage.join(out, "timing", "s", name), buf.getvalue())
+        timing.write_part(out, "s", name, t)
     return read_timing_parts(out)
 
 
 def test_timing_parts_written_before_node_ids_still_read(tmp_path):
     """A version-1 part (no node_id / accelerator_class) next to a new one: one table, nulls."""
     out = str(tmp_path / "out")
-    new = codecs.timing_table([{"id": "b", "shard": "s", "index": 1, "status": "ok",
+    new = timing.timing_table([{"id": "b", "shard": "s", "index": 1, "status": "ok",
                                 "node_id": "cd" * 28, "accelerator_class": "rtx"}])  # fmt: skip
-    old = codecs.timing_table([{"id": "a", "shard": "s", "index": 0, "status": "ok"}])
+    old = timing.timing_table([{"id": "a", "shard": "s", "index": 0, "status": "ok"}])
     old = old.drop_columns(["node_id", "accelerator_class"])
     raw = _read_back_old_and_new(out, old, new)
-    codecs.validate_timing_table(raw)
+    timing.validate_timing_table(raw)
     by_id = dict(zip(raw.column("id").to_pylist(), raw.column("node_id").to_pylist()))
     assert by_id == {"a": None, "b": "cd" * 28}
     storage.delete(storage.join(out, "timing", "s", "part-new.parquet"))
@@ -271,15 +268,15 @@ def test_a_node_added_mid_job_gets_decode_actors(bench, tmp_path):
 def test_timing_column_batch_size_reads_back_as_micro_batch(tmp_path):
     """Version-1/2 parts call the micro-batch `batch_size`; read with a version-3 part, one column."""
     out = str(tmp_path / "out")
-    new = codecs.timing_table(
+    new = timing.timing_table(
         [{"id": "b", "shard": "s", "index": 1, "status": "ok", "micro_batch": 8}]
     )
-    old = codecs.timing_table(
+    old = timing.timing_table(
         [{"id": "a", "shard": "s", "index": 0, "status": "ok", "micro_batch": 4}]
     )
     old = old.rename_columns(["batch_size" if c == "micro_batch" else c for c in old.column_names])
     raw = _read_back_old_and_new(out, old, new)
-    codecs.validate_timing_table(raw)
+    timing.validate_timing_table(raw)
     assert "batch_size" not in raw.column_names
     assert dict(zip(raw.column("id").to_pylist(), raw.column("micro_batch").to_pylist())) == {
         "a": 4,

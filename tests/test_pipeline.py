@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from pid_batch import codecs, pipeline, storage
+from pid_batch import codecs, pipeline, storage, timing
 from pid_batch.job import (
     JobConfig,
     JobConfigError,
@@ -21,7 +21,7 @@ from pid_batch.job import (
     ResourceConfig,
     SamplingConfig,
 )
-from pid_batch.summary import read_timing
+from pid_batch.timing import read_timing
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -97,7 +97,7 @@ def test_local_end_to_end_then_rerun_writes_nothing(local_ray, tmp_path):
     images = list_images(out)
     assert sorted(u.rsplit("/", 1)[1] for u in images) == sorted(f"{i}.png" for i in ids)
     table = read_timing(out)
-    assert table.schema.equals(codecs.TIMING_SCHEMA, check_metadata=False)
+    assert table.schema.equals(timing.TIMING_SCHEMA, check_metadata=False)
     assert sorted(table.column("id").to_pylist()) == sorted(ids)
     assert set(table.column("status").to_pylist()) == {"ok"}
     assert set(zip(table.column("height").to_pylist(), table.column("width").to_pylist())) == {

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pid_batch import codecs
+from pid_batch import codecs, timing
 from pid_batch.config import VARIANTS
 from pid_batch.model.flops import count_condition_flops, count_flops
 from pid_batch.plan import (
@@ -156,7 +156,7 @@ def _summary(rows_per_acc: dict[str, list[float]], hw=(1024, 1024), variant="v1p
                      finished_at=1000.5 + i)
             )  # fmt: skip
             i += 1
-    return summarize(codecs.timing_table(rows), run={"variant": variant, "steps": 4})
+    return summarize(timing.timing_table(rows), run={"variant": variant, "steps": 4})
 
 
 def test_latency_table_from_a_real_summary(tmp_path):

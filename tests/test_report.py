@@ -9,12 +9,11 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pid_batch import codecs, storage
-from pid_batch.report import error_reason, write_report
+from pid_batch import codecs, storage, timing
+from pid_batch.report import write_report
 
 T0 = 1_760_000_000.0
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -69,22 +68,12 @@ def _fake_output(out: str, n_ok: int = 8, n_err: int = 3, n_base: int = 2) -> No
                  error=f"b.safetensors[{i}] id='bad-{i}': latent has {i + 1} NaN/Inf values",
                  started_at=T0 + 1, finished_at=T0 + 1.5)
         )  # fmt: skip
-    buf = io.BytesIO()
-    pq.write_table(codecs.timing_table(rows), buf)
-    storage.write_bytes_atomic(storage.join(out, "timing", "a", "part-0.parquet"), buf.getvalue())
+    timing.write_part(out, "a", "part-0.parquet", timing.timing_table(rows))
     storage.write_json_atomic(storage.join(out, "run.json"), {"job": "test", "steps": 4})
 
 
 def _srcs(page: str) -> list[str]:
     return re.findall(r'<img[^>]*\ssrc="([^"]+)"', page)
-
-
-def test_error_reason_groups_alike_messages():
-    a = error_reason("s.safetensors[3] id='x': latent has 12 NaN/Inf values")
-    b = error_reason("t.parquet[40] id='y-z': latent has 7 NaN/Inf values")
-    assert a == b == "latent has N NaN/Inf values"
-    assert error_reason(None) == "unknown"
-    assert error_reason("decode failed: RuntimeError: boom") == "decode failed: RuntimeError: boom"
 
 
 def test_report_contents_local(tmp_path):

@@ -19,7 +19,7 @@ from pid_batch.checkpoint import save_checkpoint
 from pid_batch.decoder import net_config_for
 from pid_batch.job import JobConfig, ModelConfig, OutputConfig, ResourceConfig
 from pid_batch.model import PidNet
-from pid_batch.summary import read_timing
+from pid_batch.timing import read_timing
 
 # Recognisable credentials: AWS-shaped (so a leak would look like a real one), unique strings.
 LEAK_KEY_ID = "AKIAPIDBATCHLEAK7777"

@@ -13,6 +13,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from pid_batch import storage
+from pid_batch.redaction import redact
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -249,7 +250,7 @@ def test_retry_gives_up_and_redacts():
     ],
 )
 def test_redact_removes_secrets(text, secret):
-    out = storage.redact(text)
+    out = redact(text)
     assert secret not in out and "REDACTED" in out
 
 
@@ -258,9 +259,9 @@ def test_redact_keeps_ordinary_text():
         "shard s3://bucket/lat/shard-000001.safetensors sample 17: NaN in latent; sha256 "
         + "ab" * 32
     )
-    assert storage.redact(text) == text
+    assert redact(text) == text
     url = "https://b.s3.amazonaws.com/w.pth?X-Amz-Signature=abc"
-    assert storage.redact(url).startswith("https://b.s3.amazonaws.com/w.pth?")
+    assert redact(url).startswith("https://b.s3.amazonaws.com/w.pth?")
 
 
 # --- weight cache -----------------------------------------------------------------------------
