@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pid_batch import codecs, storage
-from pid_batch.layout import relative, timing_dir, timing_uri
+from pid_batch.stages.layout import relative, timing_dir, timing_uri
 
 ABSORBED = b"pid_batch.absorbed"  # metadata key of a compacted table: JSON list of part names
 

@@ -17,8 +17,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pid_batch import codecs, pipeline, resume, storage, summary, timing, writer
-from pid_batch.layout import claim_uri, legacy_tar_uri, staging_uri, tar_uri, timing_dir
+from pid_batch import codecs, pipeline, storage, summary, timing
+from pid_batch.stages import resume, writer
+from pid_batch.stages.layout import claim_uri, legacy_tar_uri, staging_uri, tar_uri, timing_dir
 
 
 @pytest.fixture(params=["local", "s3"])

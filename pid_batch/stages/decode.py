@@ -17,8 +17,8 @@ import numpy as np
 
 from pid_batch import storage
 from pid_batch.job import JobConfig
-from pid_batch.layout import Batch, cell_str, objects, pack_image
 from pid_batch.sample_checks import net_config_for, validate_latent_shape
+from pid_batch.stages.layout import Batch, cell_str, objects, pack_image
 
 
 class VaeStage:

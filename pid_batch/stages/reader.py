@@ -17,9 +17,9 @@ from pid_batch import codecs, storage
 from pid_batch.backbones import CheckpointSpec
 from pid_batch.backbones.arrays import to_pid_array
 from pid_batch.job import JobConfig
-from pid_batch.layout import Batch, image_sample_id, objects, sample_seed
 from pid_batch.sample_checks import check_backbone, net_config_for, validate_latent_shape
-from pid_batch.writer import finish_shard
+from pid_batch.stages.layout import Batch, image_sample_id, objects, sample_seed
+from pid_batch.stages.writer import finish_shard
 
 # Columns every stage passes on; the read stage fills them.
 ROW_COLUMNS = (

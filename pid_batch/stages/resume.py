@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from pid_batch import codecs, storage, timing
 from pid_batch.job import IMAGE_SUFFIXES, JobConfig, JobConfigError
-from pid_batch.layout import (
+from pid_batch.stages.layout import (
     Batch,
     image_sample_id,
     legacy_tar_uri,

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from pid_batch import codecs, storage, timing
 from pid_batch.job import JobConfig
-from pid_batch.layout import (
+from pid_batch.stages.layout import (
     Batch,
     cell_str,
     claim_uri,
