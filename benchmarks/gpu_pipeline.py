@@ -111,8 +111,8 @@ def write_checkpoint(args, path: Path) -> dict[str, Any]:
 
     from pid_batch.backbones import resolve_checkpoint
     from pid_batch.checkpoint import save_checkpoint
-    from pid_batch.decoder import net_config_for
     from pid_batch.model import PidNet
+    from pid_batch.sample_checks import net_config_for
 
     cfg = net_config_for(resolve_checkpoint(args.backbone, args.ckpt_type), _preset(args))
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
@@ -139,7 +139,7 @@ def _preset(args) -> str:
 def latent_hw(args) -> tuple[int, int]:
     """Backbone latent side for the output size (flux: output / 32)."""
     from pid_batch.backbones import resolve_checkpoint
-    from pid_batch.decoder import net_config_for
+    from pid_batch.sample_checks import net_config_for
 
     cfg = net_config_for(resolve_checkpoint(args.backbone, args.ckpt_type), _preset(args))
     f = cfg.lq_ratio * cfg.lq_latent_unpatchify_factor * cfg.patch_size

@@ -16,9 +16,9 @@ from faults import DenyRule, FaultPlan, FaultProxy, flux_latents, tiny_job, writ
 
 from pid_batch import codecs, pipeline, storage
 from pid_batch.checkpoint import save_checkpoint
-from pid_batch.decoder import net_config_for
 from pid_batch.job import JobConfig, ModelConfig, OutputConfig, ResourceConfig
 from pid_batch.model import PidNet
+from pid_batch.sample_checks import net_config_for
 from pid_batch.stages import decode, layout
 from pid_batch.summary import read_timing
 
