@@ -17,6 +17,7 @@ TORCH_FREE = (
     "pid_batch.stages.writer",
     "pid_batch.stages.resume",
     "pid_batch.stages.layout",
+    "pid_batch.stages.checks",
     "pid_batch.backbones.arrays",
     "pid_batch.sample_checks",
     "pid_batch.stages",

@@ -5,6 +5,7 @@ reader    shard URI → one row per pending sample (PiD-form latent, or an error
 decode    VaeStage, DecodeStage: rows → rows with raw uint8 images (torch)              GPU
 writer    encode_write: images encoded and written, timing parts, tar merge, finish    CPU
 resume    plan_shards, done ids, duplicate ids, lost samples                           driver
+checks    a row's sample against the job: backbone, output size
 layout    output URIs, ids, keys, done markers, row cell helpers
 
 Importing the package, or any module but `decode`, loads no torch; `decode` imports it only

@@ -17,7 +17,8 @@ import numpy as np
 
 from pid_batch import storage
 from pid_batch.job import JobConfig
-from pid_batch.sample_checks import net_config_for, validate_latent_shape
+from pid_batch.sample_checks import net_config_for
+from pid_batch.stages.checks import output_size
 from pid_batch.stages.layout import Batch, cell_str, objects, pack_image
 
 
@@ -68,15 +69,7 @@ class VaeStage:
                         g = torch.Generator().manual_seed(int(batch["seed"][i]))
                         z = lat.noise_latent(z, sigma, self.spec.backbone, generator=g)
                     z = np.ascontiguousarray(z.numpy(), dtype=np.float32)
-                    h, w = validate_latent_shape(
-                        self.spec,
-                        self.cfg,
-                        z.shape,
-                        sid,
-                        self.job.model.preset == "full",
-                        tiling=self.job.sampling.tiling,
-                        max_output_megapixels=self.job.sampling.max_output_megapixels,
-                    )
+                    h, w = output_size(self.job, self.cfg, z.shape, sid)
                 except Exception as e:
                     status[i], error[i] = (
                         "error",

@@ -17,7 +17,8 @@ from pid_batch import codecs, storage
 from pid_batch.backbones import CheckpointSpec
 from pid_batch.backbones.arrays import to_pid_array
 from pid_batch.job import JobConfig
-from pid_batch.sample_checks import check_backbone, net_config_for, validate_latent_shape
+from pid_batch.sample_checks import net_config_for
+from pid_batch.stages.checks import check_backbone, output_size
 from pid_batch.stages.layout import Batch, image_sample_id, objects, sample_seed
 from pid_batch.stages.writer import finish_shard
 
@@ -96,7 +97,6 @@ def read_shard(batch: Batch, job: JobConfig, duplicates: Any = None) -> Batch:
     """
     spec = job.model.spec
     cfg = net_config_for(spec, job.model.preset)
-    trained_sizes_only = job.model.preset == "full"
     rows = _empty_rows()
     dup_table = _duplicate_table(duplicates)
     for uri, key, fp, done in zip(
@@ -143,15 +143,7 @@ def read_shard(batch: Batch, job: JobConfig, duplicates: Any = None) -> Batch:
                         s.sigma if s.sigma is not None else job.sampling.sigma,
                         sample_id=s.id,
                     )
-                    h, w = validate_latent_shape(
-                        spec,
-                        cfg,
-                        lq.shape,
-                        s.id,
-                        trained_sizes_only,
-                        tiling=job.sampling.tiling,
-                        max_output_megapixels=job.sampling.max_output_megapixels,
-                    )
+                    h, w = output_size(job, cfg, lq.shape, s.id)
                 except (ValueError, TypeError) as e:
                     _add(rows, key, s.id, s.index, "error", storage.redact(str(e)), spec, fp)
                     rows["source_id"][-1] = s.source_id or ""
