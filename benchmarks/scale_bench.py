@@ -114,7 +114,7 @@ def phase_make(a: dict) -> dict:
     import pyarrow.parquet as pq
 
     from pid_batch import storage
-    from pid_batch.stages.layout import marker_uri, timing_dir, timing_uri
+    from pid_batch.stages.layout import mark_done, timing_dir, timing_uri
 
     inp, out, shards, per = a["input"], a["output"], a["shards"], a["per_shard"]
     base, np, pa = _timing_template(per)
@@ -134,7 +134,7 @@ def phase_make(a: dict) -> dict:
             pq.write_table(_with_shard(base, key, np, pa), buf, compression="zstd")
             if s < done:
                 storage.write_bytes_atomic(timing_uri(out, key), buf.getvalue())
-                storage.write_json_atomic(marker_uri(out, key), {"shard": key, "fingerprint": None})
+                mark_done(out, key, None)
                 n += 2
             else:
                 for p in ("a", "b"):

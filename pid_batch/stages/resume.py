@@ -23,6 +23,7 @@ from pid_batch.stages.layout import (
     Batch,
     image_sample_id,
     legacy_tar_uri,
+    marked_fingerprint,
     marker_uri,
     objects,
     relative,
@@ -234,17 +235,10 @@ def _markers(
         key = relative(root, e.uri)[: -len(".json")]
         if key in keys:
             found[key] = e.uri
-
-    def read(uri: str) -> str | None:
-        try:
-            return storage.read_json(uri).get("fingerprint")
-        except (FileNotFoundError, ValueError, AttributeError):
-            return None
-
     if not found:
         return {}
     with ThreadPoolExecutor(min(PLAN_THREADS, len(found))) as pool:
-        return dict(zip(found, pool.map(read, found.values()), strict=True))
+        return dict(zip(found, pool.map(marked_fingerprint, found.values()), strict=True))
 
 
 def done_ids(

@@ -29,7 +29,7 @@ from pid_batch.stages.layout import (
     cell_str,
     claim_uri,
     image_uri,
-    marker_uri,
+    mark_done,
     objects,
     staging_uri,
     tar_uri,
@@ -309,9 +309,7 @@ def finish_shard(job: JobConfig, key: str, fingerprint: str, all_ok: bool) -> No
         assemble_tar(job, key)
     timing.compact(job.output, key)
     if all_ok:
-        storage.write_json_atomic(
-            marker_uri(job.output, key), {"shard": key, "fingerprint": fingerprint}
-        )
+        mark_done(job.output, key, fingerprint)
 
 
 def _ts(epoch_s: float) -> dt.datetime:
