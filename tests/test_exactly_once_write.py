@@ -182,6 +182,7 @@ def _decoded_rows(tmp_path, layout: str):
 
     from pid_batch.job import JobConfig, ModelConfig, OutputConfig, ResourceConfig
     from pid_batch.stages import reader, resume
+    from pid_batch.stages import rows as row_schema
 
     job = JobConfig(
         input=str(tmp_path / "in"),
@@ -197,10 +198,10 @@ def _decoded_rows(tmp_path, layout: str):
     todo = resume.plan_shards(job).todo
     batch = {k: np.asarray([v], dtype=object) for k, v in todo[0].items()}
     rows = reader.read_shard(batch, job)
-    rows["image"] = np.empty(3, dtype=object)
-    rows["image"][:] = [bytes(int(h) * int(w) * 3) for h, w in zip(rows["height"], rows["width"])]
-    rows["status"] = np.where(rows["status"] == "pending", "ok", rows["status"]).astype(object)
-    return job, rows
+    decoded = row_schema.defaults("decode", 3)  # a stand-in decode: blank images
+    decoded["image"] = [bytes(int(h) * int(w) * 3) for h, w in zip(rows["height"], rows["width"])]
+    status = np.where(rows["status"] == "pending", "ok", rows["status"])
+    return job, row_schema.stage_output(rows, "decode", status=status, **decoded)
 
 
 def _enospc_on(monkeypatch, pattern: str) -> list[str]:

@@ -18,6 +18,7 @@ TORCH_FREE = (
     "pid_batch.stages.resume",
     "pid_batch.stages.layout",
     "pid_batch.stages.checks",
+    "pid_batch.stages.rows",
     "pid_batch.backbones.arrays",
     "pid_batch.sample_checks",
     "pid_batch.stages",
@@ -114,14 +115,16 @@ def test_read_and_write_run_in_a_ray_task_without_torch(fresh_ray, tmp_path):
         import sys as worker_sys
 
         from pid_batch.stages import reader, writer
+        from pid_batch.stages import rows as row_schema
 
         rows = reader.read_shard(batch, job)
         n = len(rows["id"])
-        rows["image"] = np.empty(n, dtype=object)
-        rows["image"][:] = [
+        decoded = row_schema.defaults("decode", n)  # blank images
+        decoded["image"] = [
             bytes(int(h) * int(w) * 3) for h, w in zip(rows["height"], rows["width"])
         ]
-        rows["status"] = np.where(rows["status"] == "pending", "ok", rows["status"]).astype(object)
+        status = np.where(rows["status"] == "pending", "ok", rows["status"])
+        rows = row_schema.stage_output(rows, "decode", status=status, **decoded)
         out = writer.encode_write(rows, job)
         out["torch_loaded"] = np.full(n, "torch" in worker_sys.modules)
         return out

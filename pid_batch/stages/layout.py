@@ -12,8 +12,6 @@ import numpy as np
 
 from pid_batch import codecs, storage
 
-Batch = dict[str, np.ndarray]
-
 
 def sample_seed(job_seed: int, sample_id: str) -> int:
     """Default per-sample seed: a stable hash of (job seed, id), so retries reproduce images."""

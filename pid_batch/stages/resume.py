@@ -20,7 +20,6 @@ import pyarrow.parquet as pq
 from pid_batch import codecs, storage, timing
 from pid_batch.job import IMAGE_SUFFIXES, JobConfig, JobConfigError
 from pid_batch.stages.layout import (
-    Batch,
     image_sample_id,
     legacy_tar_uri,
     marked_fingerprint,
@@ -32,6 +31,7 @@ from pid_batch.stages.layout import (
     timing_dir,
     timing_uri,
 )
+from pid_batch.stages.rows import Batch
 
 
 @dataclass
