@@ -1,7 +1,8 @@
 """The actor bodies (no Ray here): VaeStage (image inputs) and DecodeStage (the warm Decoder).
 
-The only stage module that uses torch: the pipeline imports it inside its actor classes, so
-Ray's CPU task workers (read, encode/write) never load torch.
+The only stage module that uses torch, and only once a stage is built: the pipeline imports it
+inside its actor classes, so Ray's CPU task workers (read, encode/write) never load torch. Each
+stage returns rows.stage_output(): the columns it adds and drops are those rows.ROW_SCHEMA names.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Where a job's outputs live (URIs, keys, ids) and the small row helpers every stage shares.
+"""Where a job's outputs live (URIs, keys, ids, done markers) and the small cell helpers every
+stage shares.
 
 Torch-free: Ray's CPU tasks (read, encode/write, finish) import it.
 """
