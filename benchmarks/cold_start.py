@@ -129,9 +129,9 @@ def write_checkpoint(path: Path) -> None:
     import torch
 
     from pid_batch.checkpoint import save_checkpoint
-    from pid_batch.decoder import net_config_for
     from pid_batch.job import ModelConfig
     from pid_batch.model import PidNet
+    from pid_batch.sample_checks import net_config_for
 
     spec = ModelConfig(backbone="flux", ckpt_type="2k", preset="tiny").spec
     torch.manual_seed(0)

@@ -2,7 +2,7 @@
 
   1. write a random full-size bf16 checkpoint (pid_batch.checkpoint.save_checkpoint, official
      `net.<key>` layout) for the chosen backbone/ckpt_type, and N random latents at the output size
-  2. a  decode only:  the Decoder the pipeline's actor builds (stages._real_decoder: same
+  2. a  decode only:  the Decoder the pipeline's actor builds (stages.decode._real_decoder: same
         checkpoint load, dtype, torch.compile, micro-batch), `Decoder.decode` over batches of
         `--batch-size` back to back; the first batch (compile, warm-up) is timed apart
   3. b  pipeline:     `pipeline.run` on a local Ray with 1 GPU, latent shards in / JPEG q95 out on
@@ -111,8 +111,8 @@ def write_checkpoint(args, path: Path) -> dict[str, Any]:
 
     from pid_batch.backbones import resolve_checkpoint
     from pid_batch.checkpoint import save_checkpoint
-    from pid_batch.decoder import net_config_for
     from pid_batch.model import PidNet
+    from pid_batch.sample_checks import net_config_for
 
     cfg = net_config_for(resolve_checkpoint(args.backbone, args.ckpt_type), _preset(args))
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
@@ -139,7 +139,7 @@ def _preset(args) -> str:
 def latent_hw(args) -> tuple[int, int]:
     """Backbone latent side for the output size (flux: output / 32)."""
     from pid_batch.backbones import resolve_checkpoint
-    from pid_batch.decoder import net_config_for
+    from pid_batch.sample_checks import net_config_for
 
     cfg = net_config_for(resolve_checkpoint(args.backbone, args.ckpt_type), _preset(args))
     f = cfg.lq_ratio * cfg.lq_latent_unpatchify_factor * cfg.patch_size
@@ -153,13 +153,14 @@ def mode_a(job, lat: list, batch: int, loop_s: float, deadline: float) -> dict[s
     (or at `deadline`, time.monotonic) even if latents are left."""
     import torch
 
-    from pid_batch import latents, stages
+    from pid_batch import latents
+    from pid_batch.stages import decode
 
     cuda = torch.cuda.is_available() and job.resources.gpus_per_actor > 0
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    dec = stages._real_decoder(job)
+    dec = decode._real_decoder(job)
     load_s = time.perf_counter() - t0
     lq = [latents.to_pid(x, job.model.spec.backbone, "pid", 0.0)[0] for x in lat]
 

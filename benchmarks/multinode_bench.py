@@ -230,7 +230,7 @@ def audit(out: str, ids: list[str]) -> dict[str, Any]:
     import pyarrow.compute as pc
 
     from pid_batch import storage
-    from pid_batch.layout import relative
+    from pid_batch.stages.layout import relative
     from pid_batch.timing import latest_per_id, read_timing_parts
 
     raw = read_timing_parts(out)

@@ -114,7 +114,7 @@ def phase_make(a: dict) -> dict:
     import pyarrow.parquet as pq
 
     from pid_batch import storage
-    from pid_batch.layout import marker_uri
+    from pid_batch.stages.layout import mark_done
     from pid_batch.timing import timing_dir, timing_uri
 
     inp, out, shards, per = a["input"], a["output"], a["shards"], a["per_shard"]
@@ -135,7 +135,7 @@ def phase_make(a: dict) -> dict:
             pq.write_table(_with_shard(base, key, np, pa), buf, compression="zstd")
             if s < done:
                 storage.write_bytes_atomic(timing_uri(out, key), buf.getvalue())
-                storage.write_json_atomic(marker_uri(out, key), {"shard": key, "fingerprint": None})
+                mark_done(out, key, None)
                 n += 2
             else:
                 for p in ("a", "b"):
@@ -164,7 +164,7 @@ def _job(inp: str, out: str):
 
 
 def phase_plan(a: dict) -> dict:
-    from pid_batch import resume
+    from pid_batch.stages import resume
 
     before = rss_mb()
     t0 = time.perf_counter()
@@ -188,7 +188,7 @@ def phase_summary(a: dict) -> dict:
 def phase_stage(a: dict) -> dict:
     """Stage `parts` tar parts of `per_part` images of `image_mb` MB (random bytes + JSON)."""
     from pid_batch import codecs, storage
-    from pid_batch.layout import staging_uri
+    from pid_batch.stages.layout import staging_uri
 
     payload = os.urandom(int(a["image_mb"] * MB))
     total = 0
@@ -207,7 +207,7 @@ def phase_stage(a: dict) -> dict:
 def phase_merge(a: dict) -> dict:
     from types import SimpleNamespace
 
-    from pid_batch import writer
+    from pid_batch.stages import writer
 
     job = SimpleNamespace(
         output=a["output"], images=SimpleNamespace(layout="tar", tar_max_bytes=a["cap"])

@@ -118,13 +118,14 @@ def _variant(name: str) -> tuple[dict[str, Any], Any]:
 
 
 def _encode_write_pwrite(batch, job):
-    """stages.encode_write with image writes on a thread pool, joined before the timing part.
+    """stages.writer.encode_write with image writes on a thread pool, joined before the timing part.
 
     (Its rows' write_ms then measure submission only.)
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from pid_batch import stages, storage
+    from pid_batch import storage
+    from pid_batch.stages import writer
 
     real = storage.write_bytes_atomic
     pool = ThreadPoolExecutor(8)
@@ -139,7 +140,7 @@ def _encode_write_pwrite(batch, job):
 
     storage.write_bytes_atomic = deferred
     try:
-        return stages.encode_write(batch, job)
+        return writer.encode_write(batch, job)
     finally:
         storage.write_bytes_atomic = real
         pool.shutdown(wait=True)
@@ -157,10 +158,10 @@ def _graph_copy(read_cpus: float | None, pwrite: bool = False):
     def patch(pipeline, probe_dir: str):
         import ray
 
-        from pid_batch import stages
+        from pid_batch.stages import reader, writer
 
         real_build = pipeline.build_dataset
-        reads = {getattr(stages, n) for n in ("read_shard", "read_images") if hasattr(stages, n)}
+        reads = {reader.read_shard, reader.read_images}
 
         def build_dataset(job, todo):
             real_map = ray.data.Dataset.map_batches
@@ -168,7 +169,7 @@ def _graph_copy(read_cpus: float | None, pwrite: bool = False):
             def map_batches(self, fn, *args, **kwargs):
                 if fn in reads and read_cpus is not None:
                     kwargs["num_cpus"] = read_cpus
-                elif fn is stages.encode_write and pwrite:
+                elif fn is writer.encode_write and pwrite:
                     fn = _encode_write_pwrite
                 return real_map(self, fn, *args, **kwargs)
 

@@ -16,13 +16,7 @@ from pid_batch.backbones import CheckpointSpec
 from pid_batch.checkpoint import load_net
 from pid_batch.model import PidNet
 from pid_batch.model.flops import count_decode_flops
-from pid_batch.sample_checks import (  # torch-free: read workers use them without torch
-    DecodeOutput,
-    SampleError,
-    check_batch,
-    net_config_for,
-    validate_latent_shape,
-)
+from pid_batch.sample_checks import DecodeOutput, check_batch, net_config_for
 from pid_batch.sampling import (
     initial_noise,
     per_sample_generators,
@@ -310,12 +304,8 @@ class CompiledNet:
 __all__ = [
     "CompiledNet",
     "Decoder",
-    "DecodeOutput",
-    "SampleError",
     "accelerator_name",
     "auto_micro_batch",
     "fits_memory",
-    "net_config_for",
     "pick_device",
-    "validate_latent_shape",
 ]

@@ -1,6 +1,6 @@
 """A stand-in decoder that sleeps a measured latency per image: the pipeline at scale without GPUs.
 
-`SleepDecoder` has the interface `actors.DecodeStage` uses of `decoder.Decoder` (without importing
+`SleepDecoder` has the interface `stages.decode.DecodeStage` uses of `decoder.Decoder` (without importing
 torch, so simulated actors start like light workers); it validates the
 same latent shapes, sleeps `latency_ms` per image (one device "busy" without using a CPU core) and
 returns a constant image of the output size. Select it with `model.fake_latency_ms` in a job.

@@ -1,14 +1,17 @@
-"""The Ray Data graph — where Ray's API is used (besides jobs/ and one `ray.get` in reader.py).
+"""The Ray Data graph — where Ray's API is used (besides jobs/ and one `ray.get` in
+stages/reader.py, which waits for the duplicate-id scan inside a read task).
 
 shard listing ─▶ read_shard (CPU tasks: a shard in, blocks of one actor batch out; they wait
              │   for the duplicate-id scan, plain Ray tasks started beside the job)
+             ─▶ VaeActor (image inputs or baselines only: VAE encode / baseline decode)
              ─▶ DecodeActor (actor pool, warm Decoder, micro-batches per accelerator)
              ─▶ encode_write (CPU tasks: image objects, then timing parts)
-             ─▶ driver: progress, per-shard done markers, summary.json
+             ─▶ driver: progress; per finished shard a finish_shard task (tars, timing
+                compaction, done marker); summary.json
 
 Torch-free at import: a Ray worker imports the module of the function or class it runs, so the
-CPU tasks' functions come from reader/resume/writer and the actors import `actors` (torch) only
-when they start. (reader's read tasks call ray.get on the scan's result, inside Ray workers.)
+CPU tasks' functions come from stages.reader/resume/writer and the actors import `stages.decode`
+(torch) only when they start.
 """
 
 from __future__ import annotations
@@ -31,9 +34,10 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
-from pid_batch import lease, reader, resume, storage, writer  # noqa: E402
+from pid_batch import lease, storage  # noqa: E402
 from pid_batch.job import JobConfig, JobConfigError  # noqa: E402
 from pid_batch.redaction import redact  # noqa: E402
+from pid_batch.stages import reader, resume, writer  # noqa: E402
 from pid_batch.summary import format_summary, summarize_output  # noqa: E402
 from pid_batch.timing import error_reason  # noqa: E402
 
@@ -114,25 +118,25 @@ class RunLedger:
 
 
 class _StageActor:
-    """A thin Ray adapter around an actors.*Stage. A constructor that raises does not kill the
+    """A thin Ray adapter around a stages.decode.*Stage. A constructor that raises does not kill the
     actor (Ray would print pages of tracebacks and retry it): the error goes to the run's
     ledger, the driver ends the run with it in one line, and this actor's calls wait till then."""
 
     stage_name = ""
 
     def __init__(self, job: JobConfig, ledger: Any = None):
-        from pid_batch import actors  # torch: in actor processes only
+        from pid_batch.stages import decode  # torch: in actor processes only
 
         self.ledger, self.stage = ledger, None
         try:
-            self.stage = getattr(actors, self.stage_name)(job, *self._where(actors))
+            self.stage = getattr(decode, self.stage_name)(job, *self._where(decode))
         except Exception as e:
             if ledger is None:
                 raise
             message = " ".join(f"{type(e).__name__}: {redact(str(e))}".split())
             ray.get(ledger.failed.remote(message[:2000]))
 
-    def _where(self, actors) -> tuple:
+    def _where(self, decode) -> tuple:
         """Extra constructor arguments of the stage (where it runs)."""
         return ()
 
@@ -146,16 +150,16 @@ class _StageActor:
 
 
 class DecodeActor(_StageActor):
-    """Ray actor: actors.DecodeStage (loads once, maps batches). A batch whose actor died
+    """Ray actor: stages.decode.DecodeStage (loads once, maps batches). A batch whose actor died
     DECODE_ATTEMPTS times on it becomes error rows instead of a fourth try."""
 
     stage_name = "DecodeStage"
 
-    def _where(self, actors) -> tuple:
+    def _where(self, decode) -> tuple:
         ctx = ray.get_runtime_context()
         labels = ctx.get_node_labels()
         return (
-            actors.Placement(
+            decode.Placement(
                 node_id=ctx.get_node_id(), accelerator_class=accelerator_class(labels)
             ),
         )
@@ -170,7 +174,7 @@ class DecodeActor(_StageActor):
 
 
 class VaeActor(_StageActor):
-    """Ray actor: actors.VaeStage (image encode, baseline decode)."""
+    """Ray actor: stages.decode.VaeStage (image encode, baseline decode)."""
 
     stage_name = "VaeStage"
 

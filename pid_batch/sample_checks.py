@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pid_batch.backbones import CheckpointSpec, canonical_backbone
+from pid_batch.backbones import CheckpointSpec
 from pid_batch.config import NetConfig, demo, tiny
 from pid_batch.tiles import DEFAULT_MAX_OUTPUT_MEGAPIXELS, MAX_UNTILED_SIDE, TilePlan
 
@@ -32,42 +32,22 @@ def net_config_for(spec: CheckpointSpec, preset: str) -> NetConfig:
     raise ValueError(f"preset={preset!r}; valid: ('full', 'tiny', 'demo')")
 
 
-def check_backbone(spec: CheckpointSpec, backbone: str | None, sample_id: str | None = None) -> str:
-    """The job's backbone, if a sample's own `backbone` is absent or names it (alias, any case).
-
-    A job decodes one backbone with one checkpoint: a sample naming another (known or not) is a
-    SampleError naming both, never a lookup of some other backbone's release.
-    """
-    if backbone is None:
-        return spec.backbone
-    try:
-        same = canonical_backbone(backbone) == spec.backbone
-    except ValueError:  # not a backbone at all
-        same = False
-    if not same:
-        raise SampleError(
-            sample_id,
-            f"backbone {backbone!r} is not this job's backbone {spec.backbone!r} "
-            f"(checkpoint {spec.experiment}); decode other backbones in a job of their own",
-        )
-    return spec.backbone
-
-
 def validate_latent_shape(
     spec: CheckpointSpec,
     cfg: NetConfig,
     shape: Sequence[int],
     sample_id: str | None = None,
-    trained_sizes_only: bool = True,
+    preset: str = "full",
     *,
     tiling: str = "auto",
     max_output_megapixels: float = DEFAULT_MAX_OUTPUT_MEGAPIXELS,
 ) -> tuple[int, int]:
     """Check a PiD-form latent [C, h, w] against the checkpoint; return the output (H, W).
 
-    `trained_sizes_only` enforces the RAE checkpoints' one size (dinov2/siglip decode only 2048²,
-    docs/model.md#resolution); the tiny and demo presets turn it off so tests can run those code
-    paths at small sizes. Outputs above `max_output_megapixels` are refused for every preset,
+    The full preset decodes only what the checkpoint was trained at where that is one size
+    (dinov2/siglip decode only 2048², docs/model.md#resolution); the tiny and demo presets, small
+    stand-in networks, accept any size so tests can run those code paths at small sizes. This is
+    the one place that rule lives (read stage, VAE stage and Decoder all call this function). Outputs above `max_output_megapixels` are refused for every preset,
     before any allocation; with `tiling='never'` so are sides above MAX_UNTILED_SIDE.
     """
     if len(shape) != 3:
@@ -101,7 +81,7 @@ def validate_latent_shape(
             sample_id,
             f"output {height}x{width} is not a multiple of the patch size {cfg.patch_size}",
         )
-    if trained_sizes_only and spec.fixed_hw and (h, w) != spec.fixed_hw:
+    if preset == "full" and spec.fixed_hw and (h, w) != spec.fixed_hw:
         height, width = spec.output_hw(*spec.fixed_hw)
         raise SampleError(
             sample_id,
@@ -138,7 +118,7 @@ def check_batch(
         cfg,
         next(iter(shapes)),
         ids[0],
-        preset == "full",
+        preset,
         tiling=tiling,
         max_output_megapixels=max_output_megapixels,
     )

@@ -20,8 +20,9 @@ from faults import (
 )
 from safetensors.numpy import save as st_save
 
-from pid_batch import codecs, pipeline, stages, storage
+from pid_batch import codecs, pipeline, storage
 from pid_batch.job import JobConfigError, load_job
+from pid_batch.stages import reader
 from pid_batch.timing import read_timing
 
 HUGE_CAPTION = "a very long caption " * 50_000  # 1 MB
@@ -286,7 +287,7 @@ def test_absurd_but_real_latent_is_refused_before_decode(tmp_path):
         "fingerprint": np.array(["f0"], dtype=object),
         "done_ids": np.array([None], dtype=object),
     }
-    rows = stages.read_shard(batch, job)
+    rows = reader.read_shard(batch, job)
     assert list(rows["status"]) == ["error"]
     assert "8192" in rows["error"][0]
 
@@ -307,7 +308,7 @@ def test_per_sample_backbone_must_be_the_jobs(tmp_path):
         "fingerprint": np.array(["f0"], dtype=object),
         "done_ids": np.array([None], dtype=object),
     }
-    out = stages.read_shard(batch, job)
+    out = reader.read_shard(batch, job)
     status = dict(zip(out["id"], out["status"]))
     error = dict(zip(out["id"], out["error"]))
     assert {i for i, s in status.items() if s == "pending"} == {"own", "alias", "none"}

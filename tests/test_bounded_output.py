@@ -15,8 +15,15 @@ import boto3
 import numpy as np
 import pytest
 
-from pid_batch import codecs, pipeline, resume, storage, summary, timing, writer
-from pid_batch.layout import claim_uri, legacy_tar_uri, staging_uri, tar_uri
+from pid_batch import codecs, pipeline, storage, summary, timing
+from pid_batch.stages import resume, writer
+from pid_batch.stages.layout import (
+    claim_uri,
+    legacy_tar_uri,
+    mark_done,
+    staging_uri,
+    tar_uri,
+)
 from pid_batch.timing import timing_dir
 
 
@@ -231,9 +238,7 @@ def test_planning_lists_each_prefix_once_and_reads_only_open_shards(tmp_path, mo
     plan = resume.plan_shards(job)
     out = job.output
     for s in plan.shards[:4]:  # 4 finished shards, 4 begun, 4 fresh
-        storage.write_json_atomic(
-            storage.join(out, "_done", f"{s.key}.json"), {"fingerprint": s.fingerprint}
-        )
+        mark_done(out, s.key, s.fingerprint)
         _part(
             out,
             s.key,

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pid_batch import decoder as dec
+from pid_batch import sample_checks
 from pid_batch.backbones import resolve_checkpoint
 from pid_batch.model.text import NullTextEncoder
 
@@ -64,18 +65,18 @@ def test_weights_are_reproducible_from_init_seed():
     [((4, 2, 3), "16 channels"), ((16, 2), r"\[C, h, w\]"), ((16, 0, 3), "empty latent")],
 )
 def test_validation_names_the_sample(shape, match):
-    cfg = dec.net_config_for(SPEC, "tiny")
-    with pytest.raises(dec.SampleError, match=match) as e:
-        dec.validate_latent_shape(SPEC, cfg, shape, "sample-7")
+    cfg = sample_checks.net_config_for(SPEC, "tiny")
+    with pytest.raises(sample_checks.SampleError, match=match) as e:
+        sample_checks.validate_latent_shape(SPEC, cfg, shape, "sample-7")
     assert "sample-7" in str(e.value)
 
 
 def test_rae_backbones_decode_only_2048():
     spec = resolve_checkpoint("dinov2")
     cfg = spec.net_config
-    assert dec.validate_latent_shape(spec, cfg, (768, 32, 32), "a") == (2048, 2048)
-    with pytest.raises(dec.SampleError, match="2048x2048"):
-        dec.validate_latent_shape(spec, cfg, (768, 16, 16), "a")
+    assert sample_checks.validate_latent_shape(spec, cfg, (768, 32, 32), "a") == (2048, 2048)
+    with pytest.raises(sample_checks.SampleError, match="2048x2048"):
+        sample_checks.validate_latent_shape(spec, cfg, (768, 16, 16), "a")
 
 
 def test_mixed_shapes_in_one_call_are_refused():

@@ -21,9 +21,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pid_batch import codecs, lease, pipeline, resume, storage, timing
+from pid_batch import codecs, lease, pipeline, storage, timing
 from pid_batch.job import JobConfig, JobConfigError, ModelConfig, OutputConfig, ResourceConfig
-from pid_batch.layout import shard_key
+from pid_batch.stages import resume
+from pid_batch.stages.layout import shard_key
 from pid_batch.timing import latest_per_id, read_timing_parts
 
 HW = (2, 3)

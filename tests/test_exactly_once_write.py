@@ -8,8 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from pid_batch import codecs, storage, writer
-from pid_batch.layout import marker_uri, staging_uri, tar_uri
+from pid_batch import codecs, storage
+from pid_batch.stages import writer
+from pid_batch.stages.layout import marker_uri, staging_uri, tar_uri
 
 
 def _stage(out: str, key: str, part: str, ids: list[str]) -> None:
@@ -117,7 +118,7 @@ def test_id_listing_refuses_declared_count_before_allocating(tmp_path, per_sampl
     """A tiny header declaring a million id-less samples must not allocate per sample."""
     import tracemalloc
 
-    from pid_batch import resume
+    from pid_batch.stages import resume
 
     path = tmp_path / "evil.safetensors"
     path.write_bytes(_header_only_shard(1_000_000, per_sample, offsets))
@@ -138,7 +139,7 @@ def test_id_listing_refuses_declared_count_before_allocating(tmp_path, per_sampl
 
 def test_bad_header_error_quotes_no_file_bytes(tmp_path):
     """A shard that is really /etc/passwd: the error names the problem, not the file's bytes."""
-    from pid_batch import resume
+    from pid_batch.stages import resume
 
     data = b"root:x:0:0:root:/root:/bin/bash\n" * 4
     path = tmp_path / "passwd.safetensors"
@@ -179,8 +180,9 @@ def _decoded_rows(tmp_path, layout: str):
     """A 3-sample shard read and 'decoded' (blank images), ready for encode_write."""
     import numpy as np
 
-    from pid_batch import reader, resume
     from pid_batch.job import JobConfig, ModelConfig, OutputConfig, ResourceConfig
+    from pid_batch.stages import reader, resume
+    from pid_batch.stages import rows as row_schema
 
     job = JobConfig(
         input=str(tmp_path / "in"),
@@ -196,10 +198,10 @@ def _decoded_rows(tmp_path, layout: str):
     todo = resume.plan_shards(job).todo
     batch = {k: np.asarray([v], dtype=object) for k, v in todo[0].items()}
     rows = reader.read_shard(batch, job)
-    rows["image"] = np.empty(3, dtype=object)
-    rows["image"][:] = [bytes(int(h) * int(w) * 3) for h, w in zip(rows["height"], rows["width"])]
-    rows["status"] = np.where(rows["status"] == "pending", "ok", rows["status"]).astype(object)
-    return job, rows
+    decoded = row_schema.defaults("decode", 3)  # a stand-in decode: blank images
+    decoded["image"] = [bytes(int(h) * int(w) * 3) for h, w in zip(rows["height"], rows["width"])]
+    status = np.where(rows["status"] == "pending", "ok", rows["status"])
+    return job, row_schema.stage_output(rows, "decode", status=status, **decoded)
 
 
 def _enospc_on(monkeypatch, pattern: str) -> list[str]:

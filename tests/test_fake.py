@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from pid_batch import codecs, pipeline, storage
-from pid_batch.decoder import DecodeOutput, SampleError
 from pid_batch.fake import SleepDecoder
 from pid_batch.job import JobConfig, ModelConfig, OutputConfig, ResourceConfig
+from pid_batch.sample_checks import DecodeOutput, SampleError
 from pid_batch.timing import read_timing
 
 

@@ -84,16 +84,16 @@ def test_bf16_weight_images_vs_fp32_reference(data_dir, name):
 
 def test_job_compile_mode_reaches_the_compiled_bucket(monkeypatch):
     """`model.compile_mode` (e.g. CUDA graphs) is what the decoder hands torch.compile."""
-    from pid_batch import actors
     from pid_batch.decoder import CompiledNet
     from pid_batch.job import JobConfig, JobConfigError, ModelConfig
+    from pid_batch.stages import decode
 
     seen = []
     monkeypatch.setattr(
         CompiledNet, "__init__", lambda self, net, fullgraph=True, mode=None: seen.append(mode)
     )
     model = ModelConfig(preset="tiny", compile=True, compile_mode="reduce-overhead")
-    decoder = actors._real_decoder(JobConfig(input="in", output="out", model=model))
+    decoder = decode._real_decoder(JobConfig(input="in", output="out", model=model))
     decoder._net_for(64, 64, 1)
     assert seen == ["reduce-overhead"]
     with pytest.raises(JobConfigError, match="compile_mode"):

@@ -14,8 +14,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from pid_batch import codecs, stages, storage, timing, writer
+from pid_batch import codecs, storage, timing
 from pid_batch.job import JobConfigError, ModelConfig, ResourceConfig, load_job
+from pid_batch.stages import decode, reader, writer
 from pid_batch.summary import summarize
 from pid_batch.timing import read_timing, read_timing_parts
 
@@ -135,13 +136,13 @@ def _rows_through_stages(tmp_path, placement, **job_kw) -> pa.Table:
         "fingerprint": np.array(["f0"], dtype=object),
         "done_ids": np.array([None], dtype=object),
     }
-    decoded = stages.DecodeStage(job, placement)(stages.read_shard(batch, job))
+    decoded = decode.DecodeStage(job, placement)(reader.read_shard(batch, job))
     writer.encode_write(decoded, job)
     return read_timing(out)
 
 
 def test_each_row_carries_its_node_class_and_micro_batch(tmp_path):
-    from pid_batch.actors import Placement
+    from pid_batch.stages.decode import Placement
 
     where = Placement(node_id="ab" * 28, host="host-1", accelerator_class="gb200")
     t = _rows_through_stages(

@@ -14,11 +14,12 @@ import pytest
 import torch
 from faults import DenyRule, FaultPlan, FaultProxy, flux_latents, tiny_job, write_flux_shards
 
-from pid_batch import codecs, pipeline, stages, storage
+from pid_batch import codecs, pipeline, storage
 from pid_batch.checkpoint import save_checkpoint
-from pid_batch.decoder import net_config_for
 from pid_batch.job import JobConfig, ModelConfig, OutputConfig, ResourceConfig
 from pid_batch.model import PidNet
+from pid_batch.sample_checks import net_config_for
+from pid_batch.stages import decode, layout
 from pid_batch.timing import read_timing
 
 # Recognisable credentials: AWS-shaped (so a leak would look like a real one), unique strings.
@@ -81,7 +82,7 @@ def test_pickled_checkpoint_from_s3_is_refused_by_the_decode_stage(
     uri = f"s3://{s3_bucket}/weights/model_ema_bf16.pth"
     storage.write_bytes_atomic(uri, local.read_bytes())
     with pytest.raises(ValueError, match="refusing to unpickle"):
-        stages.DecodeStage(_job(uri))
+        decode.DecodeStage(_job(uri))
     assert not marker.exists()
     torch.load(local, weights_only=False)  # the payload is real: an unsafe load runs it
     assert marker.read_text() == "pwned"
@@ -94,14 +95,14 @@ def test_checkpoint_sha256_pin(s3_server, s3_bucket, tmp_path, cache, tiny_state
     uri = f"s3://{s3_bucket}/weights/model_ema_bf16.pth"
     storage.write_bytes_atomic(uri, local.read_bytes())
     with pytest.raises(ValueError, match="sha256 mismatch"):
-        stages.DecodeStage(_job(uri, sha256="0" * 64))
+        decode.DecodeStage(_job(uri, sha256="0" * 64))
     assert not [p for p in cache.rglob("*") if p.is_file() and p.stat().st_size > 1000]
-    stage = stages.DecodeStage(_job(uri, sha256=digest))  # the right pin loads and decodes
+    stage = decode.DecodeStage(_job(uri, sha256=digest))  # the right pin loads and decodes
     res = stage.decoder.decode([flux_latents(1)[0]], sigmas=[0.0], seeds=[1], captions=[""])
     assert res.images.shape == (1, 64, 96, 3)
     # A local checkpoint is pinned too; so is the run manifest.
     with pytest.raises(ValueError, match="sha256 mismatch"):
-        stages.DecodeStage(_job(str(local), sha256="f" * 64))
+        decode.DecodeStage(_job(str(local), sha256="f" * 64))
     assert _job(str(local), sha256=digest).manifest()["checkpoint_sha256"] == digest
 
 
@@ -128,7 +129,7 @@ def test_hostile_ids_stay_inside_the_image_prefix(raw):
     sid = codecs.sanitize_id(raw)
     assert re.fullmatch(r"[A-Za-z0-9._-]{1,128}", sid) and not sid.startswith(".")
     assert ".." not in sid
-    uri = stages.image_uri("s3://bucket/out", sid, "png")
+    uri = layout.image_uri("s3://bucket/out", sid, "png")
     assert uri.rsplit("/", 1)[0] == "s3://bucket/out/images"
     assert sid == raw or codecs.sanitize_id(raw + "!") != sid  # changed ids carry a hash
 
@@ -136,7 +137,7 @@ def test_hostile_ids_stay_inside_the_image_prefix(raw):
 def test_join_refuses_to_climb_even_if_an_id_slips_through():
     for bad in ("../x", "a/../../x", "../../../etc/cron.d/x"):
         with pytest.raises(ValueError, match=r"\.\."):
-            stages.image_uri("/out", bad, "png")
+            layout.image_uri("/out", bad, "png")
 
 
 # -- credentials and signatures never leak ----------------------------------------------------

@@ -13,10 +13,12 @@ from pid_batch.job import JobConfig, ModelConfig, OutputConfig, ResourceConfig
 
 # What a read / encode / finish / id-listing worker imports, and the driver's graph module.
 TORCH_FREE = (
-    "pid_batch.reader",
-    "pid_batch.writer",
-    "pid_batch.resume",
-    "pid_batch.layout",
+    "pid_batch.stages.reader",
+    "pid_batch.stages.writer",
+    "pid_batch.stages.resume",
+    "pid_batch.stages.layout",
+    "pid_batch.stages.checks",
+    "pid_batch.stages.rows",
     "pid_batch.backbones.arrays",
     "pid_batch.sample_checks",
     "pid_batch.stages",
@@ -79,7 +81,8 @@ def _write_shard(root: str, n: int) -> list[str]:
 @pytest.mark.timeout(120)
 def test_graph_tasks_come_from_torch_free_modules(fresh_ray, tmp_path, monkeypatch):
     """build_dataset hands Ray functions of torch-free modules; actors import torch lazily."""
-    from pid_batch import pipeline, resume
+    from pid_batch import pipeline
+    from pid_batch.stages import resume
 
     job = _job(str(tmp_path / "in"), str(tmp_path / "out"))
     _write_shard(job.input, 2)
@@ -94,7 +97,7 @@ def test_graph_tasks_come_from_torch_free_modules(fresh_ray, tmp_path, monkeypat
     pipeline.build_dataset(job, resume.plan_shards(job).todo)  # lazy: builds, runs nothing
     tasks = {f.__module__ for f in seen if not isinstance(f, type)}
     actors = {f.__module__ for f in seen if isinstance(f, type)}
-    assert tasks == {"pid_batch.reader", "pid_batch.writer"}, tasks
+    assert tasks == {"pid_batch.stages.reader", "pid_batch.stages.writer"}, tasks
     assert actors == {"pid_batch.pipeline"}, actors
 
 
@@ -102,7 +105,7 @@ def test_graph_tasks_come_from_torch_free_modules(fresh_ray, tmp_path, monkeypat
 @pytest.mark.timeout(120)
 def test_read_and_write_run_in_a_ray_task_without_torch(fresh_ray, tmp_path):
     """read_shard → (stand-in decode) → encode_write in one Ray Data task: torch never loads."""
-    from pid_batch import resume
+    from pid_batch.stages import resume
 
     job = _job(str(tmp_path / "in"), str(tmp_path / "out"))
     ids = _write_shard(job.input, 3)
@@ -111,15 +114,17 @@ def test_read_and_write_run_in_a_ray_task_without_torch(fresh_ray, tmp_path):
     def read_decode_write(batch, job):  # pickled by value: the worker imports only what it uses
         import sys as worker_sys
 
-        from pid_batch import reader, writer
+        from pid_batch.stages import reader, writer
+        from pid_batch.stages import rows as row_schema
 
         rows = reader.read_shard(batch, job)
         n = len(rows["id"])
-        rows["image"] = np.empty(n, dtype=object)
-        rows["image"][:] = [
+        decoded = row_schema.defaults("decode", n)  # blank images
+        decoded["image"] = [
             bytes(int(h) * int(w) * 3) for h, w in zip(rows["height"], rows["width"])
         ]
-        rows["status"] = np.where(rows["status"] == "pending", "ok", rows["status"]).astype(object)
+        status = np.where(rows["status"] == "pending", "ok", rows["status"])
+        rows = row_schema.stage_output(rows, "decode", status=status, **decoded)
         out = writer.encode_write(rows, job)
         out["torch_loaded"] = np.full(n, "torch" in worker_sys.modules)
         return out

@@ -17,16 +17,17 @@ import numpy as np
 
 from pid_batch import codecs, storage, timing
 from pid_batch.job import IMAGE_SUFFIXES, JobConfig, JobConfigError
-from pid_batch.layout import (
-    Batch,
+from pid_batch.stages.layout import (
     image_sample_id,
     legacy_tar_uri,
+    marked_fingerprint,
     marker_uri,
     objects,
     relative,
     shard_key,
     tar_uri,
 )
+from pid_batch.stages.rows import Batch
 
 
 @dataclass
@@ -230,17 +231,10 @@ def _markers(
         key = relative(root, e.uri)[: -len(".json")]
         if key in keys:
             found[key] = e.uri
-
-    def read(uri: str) -> str | None:
-        try:
-            return storage.read_json(uri).get("fingerprint")
-        except (FileNotFoundError, ValueError, AttributeError):
-            return None
-
     if not found:
         return {}
     with ThreadPoolExecutor(min(PLAN_THREADS, len(found))) as pool:
-        return dict(zip(found, pool.map(read, found.values()), strict=True))
+        return dict(zip(found, pool.map(marked_fingerprint, found.values()), strict=True))
 
 
 def done_ids(

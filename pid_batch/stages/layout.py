@@ -1,4 +1,5 @@
-"""Where a job's outputs live (URIs, keys, ids) and the small row helpers every stage shares.
+"""Where a job's outputs live (URIs, keys, ids, done markers) and the small cell helpers every
+stage shares.
 
 Torch-free: Ray's CPU tasks (read, encode/write, finish) import it.
 """
@@ -11,8 +12,6 @@ import os
 import numpy as np
 
 from pid_batch import codecs, storage
-
-Batch = dict[str, np.ndarray]
 
 
 def sample_seed(job_seed: int, sample_id: str) -> int:
@@ -61,9 +60,24 @@ def image_uri(out: str, sample_id: str, fmt: str) -> str:
 
 
 def marker_uri(out: str, key: str) -> str:
-    """<out>/_done/<shard key>.json: written last, once every sample of the shard has an ok row;
-    it holds the input fingerprint the shard was decoded from (writer.finish_shard)."""
+    """<out>/_done/<shard key>.json: written last, once every sample of the shard has an ok row
+    (mark_done, called by writer.finish_shard)."""
     return storage.join(out, "_done", f"{key}.json")
+
+
+def mark_done(out: str, key: str, fingerprint: str | None) -> None:
+    """Write a shard's done marker: its key and the input fingerprint it was decoded from (None:
+    not known). The only writer of markers; marked_fingerprint reads them back."""
+    storage.write_json_atomic(marker_uri(out, key), {"shard": key, "fingerprint": fingerprint})
+
+
+def marked_fingerprint(uri: str) -> str | None:
+    """The fingerprint a done marker records; None for a marker written before fingerprints (or
+    one gone or unreadable since it was listed)."""
+    try:
+        return storage.read_json(uri).get("fingerprint")
+    except (FileNotFoundError, ValueError, AttributeError):
+        return None
 
 
 def staging_uri(out: str, key: str, part: str) -> str:

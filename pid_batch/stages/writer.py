@@ -22,18 +22,18 @@ import numpy as np
 
 from pid_batch import codecs, storage, timing
 from pid_batch.job import JobConfig
-from pid_batch.layout import (
-    Batch,
+from pid_batch.redaction import redact
+from pid_batch.stages import rows
+from pid_batch.stages.layout import (
     cell_str,
     claim_uri,
     image_uri,
-    marker_uri,
-    objects,
+    mark_done,
     staging_uri,
     tar_uri,
     unpack_image,
 )
-from pid_batch.redaction import redact
+from pid_batch.stages.rows import Batch
 
 
 def encode_write(batch: Batch, job: JobConfig, run_id: str | None = None) -> Batch:
@@ -48,8 +48,9 @@ def encode_write(batch: Batch, job: JobConfig, run_id: str | None = None) -> Bat
     fmt, quality = job.images.image_format, job.images.quality
     ext = codecs.IMAGE_FORMATS[fmt]
     tar = job.images.layout == "tar"
+    batch = rows.reaching_write(batch)
     n = len(batch["id"])
-    rows: list[dict[str, Any]] = []
+    timing_rows: list[dict[str, Any]] = []
     staged: dict[str, list[tuple[str, bytes]]] = defaultdict(list)
     status = [str(v) for v in batch["status"]]
     error = [cell_str(v) for v in batch["error"]]
@@ -81,7 +82,7 @@ def encode_write(batch: Batch, job: JobConfig, run_id: str | None = None) -> Bat
                     bytes=len(data),
                     output=output,
                 )
-        if status[i] == "ok" and "baseline" in batch and len(batch["baseline"][i]):
+        if status[i] == "ok" and len(batch["baseline"][i]):
             try:
                 data = codecs.encode_image(unpack_image(batch["baseline"][i]), fmt, quality)
                 if tar:
@@ -97,9 +98,9 @@ def encode_write(batch: Batch, job: JobConfig, run_id: str | None = None) -> Bat
                 error[i] = f"baseline write failed: {redact(str(e))}"
         row["status"], row["error"] = status[i], error[i]
         row["finished_at"] = _ts(time.time())
-        rows.append(row)
+        timing_rows.append(row)
     by_shard: dict[str, list[dict]] = defaultdict(list)
-    for r in rows:
+    for r in timing_rows:
         by_shard[r["shard"]].append(r)
     run = run_id if run_id is not None else uuid.uuid4().hex
     part = {k: _part_name(run, [r["id"] for r in rs]) for k, rs in by_shard.items()}
@@ -108,10 +109,10 @@ def encode_write(batch: Batch, job: JobConfig, run_id: str | None = None) -> Bat
         try:  # write_bytes_atomic retries transient errors; what is left is permanent
             storage.write_bytes_atomic(staging_uri(out, key, part[key]), codecs.build_tar(members))
         except Exception as e:
-            _fail(rows, status, error, key, f"write failed: {_reason(e)}")
+            _fail(timing_rows, status, error, key, f"write failed: {_reason(e)}")
             continue
         share = (time.perf_counter() - t0) * 1000 / max(1, len(members) // 2)
-        for r in rows:
+        for r in timing_rows:
             if r["shard"] == key and r["status"] == "ok":
                 r["write_ms"] = share
     for key, part_rows in by_shard.items():
@@ -119,23 +120,14 @@ def encode_write(batch: Batch, job: JobConfig, run_id: str | None = None) -> Bat
         try:
             timing.write_part(out, key, f"part-{part[key]}.parquet", table)
         except Exception as e:  # no row on disk: the returned rows carry the reason instead
-            _fail(rows, status, error, key, f"timing write failed: {_reason(e)}", every=True)
+            _fail(timing_rows, status, error, key, f"timing write failed: {_reason(e)}", every=True)
             if key in staged:  # images without a row would reach a tar and be staged again
                 try:
                     storage.delete(staging_uri(out, key, part[key]))
                 except Exception:
                     pass  # left staged: merged as a duplicate name, which the tar keeps once
-    return {
-        "id": np.asarray(batch["id"], dtype=object),
-        "shard": np.asarray(batch["shard"], dtype=object),
-        "shard_pending": np.asarray(batch["shard_pending"], dtype=np.int64),
-        "status": np.asarray(status, dtype=object),
-        "error": objects(error),
-        "decode_ms": np.asarray(batch.get("decode_ms", np.zeros(n)), dtype=np.float32),
-        "decode_started_at": np.asarray(
-            batch.get("decode_started_at", np.zeros(n)), dtype=np.float64
-        ),
-    }
+    cells = {"status": status, "error": error}
+    return {c: rows.array(c, cells[c] if c in cells else batch[c]) for c in rows.DRIVER_COLUMNS}
 
 
 # A tar-layout row's output: the member's name within the shard's tars ("<this>:<member>").
@@ -155,10 +147,15 @@ def _reason(exc: BaseException) -> str:
 
 
 def _fail(
-    rows: list[dict], status: list[str], error: list, key: str, reason: str, every: bool = False
+    timing_rows: list[dict],
+    status: list[str],
+    error: list,
+    key: str,
+    reason: str,
+    every: bool = False,
 ) -> None:
     """Mark shard `key`'s ok rows (every row, if `every`) failed with `reason`; none claims output."""
-    for i, r in enumerate(rows):
+    for i, r in enumerate(timing_rows):
         if r["shard"] != key or (r["status"] != "ok" and not every):
             continue
         reason_i = reason if r["status"] == "ok" else f"{r['error']}; {reason}"
@@ -304,9 +301,7 @@ def finish_shard(job: JobConfig, key: str, fingerprint: str, all_ok: bool) -> No
         assemble_tar(job, key)
     timing.compact(job.output, key)
     if all_ok:
-        storage.write_json_atomic(
-            marker_uri(job.output, key), {"shard": key, "fingerprint": fingerprint}
-        )
+        mark_done(job.output, key, fingerprint)
 
 
 def _ts(epoch_s: float) -> dt.datetime:
@@ -315,11 +310,15 @@ def _ts(epoch_s: float) -> dt.datetime:
 
 
 def _timing_row(batch: Batch, i: int, job: JobConfig) -> dict[str, Any]:
-    def get(k, default=None):
-        return batch[k][i] if k in batch else default
+    """Row i's timing-table row (timing.TIMING_SCHEMA) before its image is written; `batch` as
+    rows.reaching_write gives it (every column present)."""
 
-    started = get("decode_started_at")
-    read_done = float(get("read_done_at"))
+    def get(k):
+        return batch[k][i]
+
+    started = float(get("decode_started_at"))
+    sigma = float(get("sigma"))
+    tiles = int(get("tiles"))
     return {
         "id": str(get("id")),
         "shard": str(get("shard")),
@@ -329,11 +328,11 @@ def _timing_row(batch: Batch, i: int, job: JobConfig) -> dict[str, Any]:
         "height": int(get("height")),
         "width": int(get("width")),
         "seed": int(get("seed")),
-        "sigma": None if np.isnan(float(get("sigma"))) else float(get("sigma")),
+        "sigma": None if np.isnan(sigma) else sigma,
         "read_ms": float(get("read_ms")),
-        "queue_ms": float(get("queue_ms", 0.0)),
-        "decode_ms": float(get("decode_ms", 0.0)),
-        "text_ms": float(get("text_ms", 0.0)),
+        "queue_ms": float(get("queue_ms")),
+        "decode_ms": float(get("decode_ms")),
+        "text_ms": float(get("text_ms")),
         "encode_ms": 0.0,
         "write_ms": 0.0,
         "bytes": 0,
@@ -342,17 +341,18 @@ def _timing_row(batch: Batch, i: int, job: JobConfig) -> dict[str, Any]:
         "accelerator": cell_str(get("accelerator")),
         "accelerator_class": cell_str(get("accelerator_class")) or None,
         "actor": cell_str(get("actor")),
-        "micro_batch": int(get("micro_batch", 0)),
-        "started_at": _ts(float(started) if started is not None else read_done),
+        "micro_batch": int(get("micro_batch")),
+        # NaN: the row never reached a decode call (a stand-in decode): when it was read.
+        "started_at": _ts(float(get("read_done_at")) if np.isnan(started) else started),
         "output": None,
         "crop": cell_str(get("crop")),
         "resize": cell_str(get("resize")) or None,
-        "tile_height": int(get("tile_height", 0)) or None,
-        "tile_width": int(get("tile_width", 0)) or None,
-        "tile_overlap": int(get("tile_overlap", 0)) if int(get("tiles", 0)) else None,
-        "tiles": int(get("tiles", 0)) or None,
-        "vae_encode_ms": float(get("vae_encode_ms", 0.0)),
-        "baseline_ms": float(get("baseline_ms", 0.0)) or None,
+        "tile_height": int(get("tile_height")) or None,
+        "tile_width": int(get("tile_width")) or None,
+        "tile_overlap": int(get("tile_overlap")) if tiles else None,
+        "tiles": tiles or None,
+        "vae_encode_ms": float(get("vae_encode_ms")),
+        "baseline_ms": float(get("baseline_ms")) or None,
         "source_id": cell_str(get("source_id")) or None,
         "input_fingerprint": cell_str(get("fingerprint")),
     }

@@ -1,7 +1,8 @@
 """The actor bodies (no Ray here): VaeStage (image inputs) and DecodeStage (the warm Decoder).
 
-The only stage module that uses torch: the pipeline imports it inside its actor classes, so
-Ray's CPU task workers (read, encode/write) never load torch.
+The only stage module that uses torch, and only once a stage is built: the pipeline imports it
+inside its actor classes, so Ray's CPU task workers (read, encode/write) never load torch. Each
+stage returns rows.stage_output(): the columns it adds and drops are those rows.ROW_SCHEMA names.
 """
 
 from __future__ import annotations
@@ -17,9 +18,13 @@ import numpy as np
 
 from pid_batch import storage
 from pid_batch.job import JobConfig
-from pid_batch.layout import Batch, cell_str, objects, pack_image
 from pid_batch.redaction import redact
-from pid_batch.sample_checks import net_config_for, validate_latent_shape
+from pid_batch.sample_checks import net_config_for
+from pid_batch.stages import rows
+from pid_batch.stages.checks import output_size
+from pid_batch.stages.layout import cell_str, pack_image
+from pid_batch.stages.rows import Batch
+from pid_batch.tiles import TilePlan
 
 
 class VaeStage:
@@ -44,14 +49,11 @@ class VaeStage:
         from pid_batch.backbones.vae import resize_long_side
 
         n = len(batch["id"])
-        out = {k: v for k, v in batch.items() if k not in ("pixels", "pshape")}
         status = [str(v) for v in batch["status"]]
         error = [cell_str(v) for v in batch["error"]]
         latent, shape = list(batch["latent"]), [list(x) for x in batch["shape"]]
         height, width = list(batch["height"]), list(batch["width"])
-        crop, vae_ms = [cell_str(v) for v in batch["crop"]], [0.0] * n
-        baseline, baseline_ms = [b""] * n, [0.0] * n
-        resize = [""] * n  # "WxH" an image was resized to before encoding ("": not resized)
+        cells = rows.defaults("vae", n)
         for i in range(n):
             sid = str(batch["id"][i])
             if status[i] == "encode":
@@ -61,23 +63,15 @@ class VaeStage:
                         img = resize_long_side(
                             img, self.job.images.target_long_side // self.spec.sr_scale
                         )
-                        resize[i] = f"{img.shape[1]}x{img.shape[0]}"
+                        cells["resize"][i] = f"{img.shape[1]}x{img.shape[0]}"
                     ((z, box),) = self.codec.encode([img])
-                    vae_ms[i] = self.codec.last_encode_ms
+                    cells["vae_encode_ms"][i] = self.codec.last_encode_ms
                     sigma = float(batch["sigma"][i])
                     if sigma > 0:  # fp32 noise, sample's own seed (docs/model.md#degrade-sigma)
                         g = torch.Generator().manual_seed(int(batch["seed"][i]))
                         z = lat.noise_latent(z, sigma, self.spec.backbone, generator=g)
                     z = np.ascontiguousarray(z.numpy(), dtype=np.float32)
-                    h, w = validate_latent_shape(
-                        self.spec,
-                        self.cfg,
-                        z.shape,
-                        sid,
-                        self.job.model.preset == "full",
-                        tiling=self.job.sampling.tiling,
-                        max_output_megapixels=self.job.sampling.max_output_megapixels,
-                    )
+                    h, w = output_size(self.job, self.cfg, z.shape, sid)
                 except Exception as e:
                     status[i], error[i] = (
                         "error",
@@ -85,28 +79,26 @@ class VaeStage:
                     )
                     continue
                 latent[i], shape[i], height[i], width[i] = z.tobytes(), list(z.shape), h, w
-                crop[i], status[i] = ",".join(map(str, box)), "pending"
+                cells["crop"][i], status[i] = ",".join(map(str, box)), "pending"
             if self.job.images.baseline and status[i] == "pending":
                 try:
                     z = np.frombuffer(latent[i], np.float32).reshape(shape[i])
                     (img,) = self.codec.decode([torch.from_numpy(z.copy())])
-                    baseline[i], baseline_ms[i] = pack_image(img), self.codec.last_decode_ms
+                    cells["baseline"][i] = pack_image(img)
+                    cells["baseline_ms"][i] = self.codec.last_decode_ms
                 except Exception as e:  # the PiD image can still be made: keep the row pending
                     error[i] = f"baseline decode failed: {redact(str(e))}"
-        out.update(
-            status=np.asarray(status, dtype=object),
-            error=objects(error),
-            latent=objects(latent),
-            shape=np.asarray(shape, dtype=np.int64).reshape(n, 3),
-            height=np.asarray(height, dtype=np.int64),
-            width=np.asarray(width, dtype=np.int64),
-            crop=objects(crop),
-            resize=np.asarray(resize, dtype=object),
-            vae_encode_ms=np.asarray(vae_ms, dtype=np.float32),
-            baseline=objects(baseline),
-            baseline_ms=np.asarray(baseline_ms, dtype=np.float32),
+        return rows.stage_output(
+            batch,
+            "vae",
+            status=status,
+            error=error,
+            latent=latent,
+            shape=shape,
+            height=height,
+            width=width,
+            **cells,
         )
-        return out
 
 
 @dataclass(frozen=True)
@@ -153,102 +145,95 @@ class DecodeStage:
         n = len(batch["id"])
         started = time.time()
         self.first_call_at = self.first_call_at or started
-        out = {k: v for k, v in batch.items() if k not in ("latent", "shape")}
-        status = np.array([str(v) for v in batch["status"]], dtype=object)
-        error = np.array([cell_str(v) for v in batch["error"]], dtype=object)
-        images = np.empty(n, dtype=object)
-        images[:] = [b""] * n
-        decode_ms = np.zeros(n, np.float32)
-        text_ms = np.zeros(n, np.float32)
-        micro = np.zeros(n, np.int32)
-        tiles = np.zeros((n, 4), np.int32)  # tile height, width, overlap, count (0: whole)
-        queue_ms = np.maximum(0.0, (started - batch["read_done_at"].astype(np.float64)) * 1000)
+        status = [str(v) for v in batch["status"]]
+        error = [cell_str(v) for v in batch["error"]]
         buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i in range(n):
             if status[i] == "pending" and fail:
                 status[i], error[i] = "error", fail
             elif status[i] == "pending":
                 buckets[(int(batch["height"][i]), int(batch["width"][i]))].append(i)
+        cells = rows.defaults("decode", n)
         for idx in buckets.values():
-            self._decode_bucket(batch, idx, status, error, images, decode_ms, text_ms, micro, tiles)
+            for i, res in zip(idx, self._decode_bucket(batch, idx)):
+                if isinstance(res, str):
+                    status[i], error[i] = "error", res
+                    continue
+                status[i] = "ok"
+                for name, value in res.cells().items():
+                    cells[name][i] = value
         self.last_call_end = time.time()
-        out.update(
-            status=status,
-            error=error,
-            image=images,
-            decode_ms=decode_ms,
-            text_ms=text_ms,
-            micro_batch=micro,
-            tile_height=tiles[:, 0],
-            tile_width=tiles[:, 1],
-            tile_overlap=tiles[:, 2],
-            tiles=tiles[:, 3],
-            queue_ms=queue_ms.astype(np.float32),
-            decode_started_at=np.full(n, started),
-            node=np.full(n, self.node, dtype=object),
-            node_id=np.full(n, self.placement.node_id or "", dtype=object),
-            accelerator=np.full(n, self.decoder.accelerator, dtype=object),
-            accelerator_class=np.full(n, self.placement.accelerator_class or "", dtype=object),
-            actor=np.full(n, self.actor, dtype=object),
+        read_done = rows.column(batch, "read_done_at").astype(np.float64)
+        cells.update(
+            queue_ms=np.maximum(0.0, (started - read_done) * 1000),
+            decode_started_at=[started] * n,
+            node=[self.node] * n,
+            node_id=[self.placement.node_id or ""] * n,
+            accelerator=[self.decoder.accelerator] * n,
+            accelerator_class=[self.placement.accelerator_class or ""] * n,
+            actor=[self.actor] * n,
         )
-        return out
+        return rows.stage_output(batch, "decode", status=status, error=error, **cells)
 
-    def _decode_bucket(self, batch, idx, status, error, images, decode_ms, text_ms, micro, tiles):
+    def _decode_bucket(self, batch: Batch, idx: list[int]) -> list[Decoded | str]:
+        """Decode rows `idx` (one output size) in one call; per row its result or why it failed.
+        When the call fails, each row is decoded alone, so only the sample that broke it fails."""
         lat = [
             np.frombuffer(batch["latent"][i], np.float32).reshape(batch["shape"][i]) for i in idx
         ]
-        args = dict(
+        t0 = time.perf_counter()
+        try:
+            res = self.decoder.decode(lat, **self._decode_args(batch, idx))
+        except Exception:
+            return [self._decode_one(batch, i, x) for i, x in zip(idx, lat)]
+        finally:
+            self.busy_s += time.perf_counter() - t0
+        return [
+            Decoded(img.tobytes(), res.decode_ms[j], res.text_ms[j], res.micro_batch, res.tiles)
+            for j, img in enumerate(res.images)
+        ]
+
+    def _decode_one(self, batch: Batch, i: int, lat: np.ndarray) -> Decoded | str:
+        try:
+            res = self.decoder.decode([lat], **self._decode_args(batch, [i]))
+        except Exception as e:
+            return f"decode failed: {type(e).__name__}: {redact(str(e))}"[:2000]
+        return Decoded(res.images[0].tobytes(), res.decode_ms[0], res.text_ms[0], 1, res.tiles)
+
+    @staticmethod
+    def _decode_args(batch: Batch, idx: list[int]) -> dict[str, list]:
+        """Decoder.decode's per-sample arguments of rows `idx`."""
+        return dict(
             sigmas=[float(batch["sigma"][i]) for i in idx],
             seeds=[int(batch["seed"][i]) for i in idx],
             captions=[str(batch["caption"][i]) for i in idx],
             ids=[str(batch["id"][i]) for i in idx],
         )
-        t0 = time.perf_counter()
-        try:
-            res = self.decoder.decode(lat, **args)
-        except Exception:
-            # Isolate the sample that broke the batch: decode each alone, fail only that one.
-            for j, i in enumerate(idx):
-                self._decode_bucket_one(
-                    batch, i, lat[j], status, error, images, decode_ms, text_ms, micro, tiles
-                )
-            return
-        finally:
-            self.busy_s += time.perf_counter() - t0
-        for j, i in enumerate(idx):
-            images[i] = res.images[j].tobytes()
-            decode_ms[i] = res.decode_ms[j]
-            text_ms[i] = res.text_ms[j]
-            micro[i] = res.micro_batch
-            tiles[i] = _tile_cells(res.tiles)
-            status[i] = "ok"
-
-    def _decode_bucket_one(
-        self, batch, i, lat, status, error, images, decode_ms, text_ms, micro, tiles
-    ):
-        try:
-            res = self.decoder.decode(
-                [lat],
-                sigmas=[float(batch["sigma"][i])],
-                seeds=[int(batch["seed"][i])],
-                captions=[str(batch["caption"][i])],
-                ids=[str(batch["id"][i])],
-            )
-        except Exception as e:
-            status[i] = "error"
-            error[i] = f"decode failed: {type(e).__name__}: {redact(str(e))}"[:2000]
-            return
-        images[i] = res.images[0].tobytes()
-        decode_ms[i] = res.decode_ms[0]
-        text_ms[i] = res.text_ms[0]
-        micro[i] = 1
-        tiles[i] = _tile_cells(res.tiles)
-        status[i] = "ok"
 
 
-def _tile_cells(plan) -> tuple[int, int, int, int]:
-    """(tile height, width, overlap, count) of a decode's TilePlan; zeros when decoded whole."""
-    return (0, 0, 0, 0) if plan is None else (plan.tile_h, plan.tile_w, plan.overlap, plan.count)
+@dataclass(frozen=True)
+class Decoded:
+    """One row's decode: its raw image and what the decode call measured."""
+
+    image: bytes  # raw uint8 HWC
+    decode_ms: float
+    text_ms: float
+    micro_batch: int
+    tiles: TilePlan | None  # None: decoded whole
+
+    def cells(self) -> dict[str, object]:
+        """The row's decode columns (rows.ROW_SCHEMA) this result sets."""
+        plan = self.tiles
+        return {
+            "image": self.image,
+            "decode_ms": self.decode_ms,
+            "text_ms": self.text_ms,
+            "micro_batch": self.micro_batch,
+            "tile_height": 0 if plan is None else plan.tile_h,
+            "tile_width": 0 if plan is None else plan.tile_w,
+            "tile_overlap": 0 if plan is None else plan.overlap,
+            "tiles": 0 if plan is None else plan.count,
+        }
 
 
 def _real_decoder(job: JobConfig, micro_batch: int | None = None):
