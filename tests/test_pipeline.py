@@ -370,15 +370,19 @@ def test_actor_pool_grows_under_load(shared_ray, tmp_path):
     assert len(actors) == 2, actors
 
 
-def _spilled_bytes_total() -> int:
-    """benchmarks/load_bench.spilled_total(): bytes the local Ray has spilled since it started."""
+def _harness():
+    """benchmarks/harness.py: the benchmarks' library (not a script: importing it runs nothing)."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "load_bench.py"
-    spec = importlib.util.spec_from_file_location("load_bench", path)
-    load_bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(load_bench)
-    return load_bench.spilled_total()
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "harness.py"
+    spec = importlib.util.spec_from_file_location("harness", path)
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    return harness
+
+
+def _spilled_bytes_total() -> int:
+    return _harness().spilled_total()
 
 
 def test_decoder_faster_than_encoders_does_not_spill(shared_ray, tmp_path):
@@ -493,3 +497,20 @@ def test_ensure_ray_starts_a_private_ray_unless_told(
     job = JobConfig(input="x", output="y", model=model, ray_address=job_address)
     pipeline.ensure_ray(job)
     assert seen["address"] == expected
+
+
+def test_a_probe_sees_every_decode_actor_through_run(shared_ray, tmp_path):
+    """run(probe=...) hands the probe to each decode actor: benchmarks measure through it
+    (benchmarks/harness.DecodeProbe) instead of replacing the actor class."""
+    inp, out = str(tmp_path / "in"), str(tmp_path / "out")
+    ids = write_shards(inp, shards=2, per_shard=4)
+    probe = _harness().DecodeProbe(str(tmp_path))
+    result = pipeline.run(tiny_job(inp, out, batch_size=2), log=None, probe=probe)
+    assert result.exit_code == 0 and result.processed == len(ids)
+    actors = probe.actors()
+    assert actors and all(a["init"]["init_end"] >= a["init"]["init_start"] for a in actors.values())
+    calls = [c for a in actors.values() for c in a["calls"]]
+    assert sum(c["n"] for c in calls) == len(ids)
+    assert all(0 < c["busy"] <= c["end"] - c["start"] for c in calls)
+    table_actors = set(read_timing(out).column("actor").to_pylist())  # "node:pid"
+    assert {a.rsplit(":", 1)[-1] for a in table_actors} == set(actors)
