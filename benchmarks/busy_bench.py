@@ -12,213 +12,39 @@ the second core is left for reading, encoding, writing, Ray and the S3 server.
 Busy fraction = time inside Decoder.decode ÷ (last decode end − first decode start), per actor.
 For b it comes from the timing table (per row: actor, started_at of its batch, decode_ms share)
 and, as a cross-check, from DecodeStage's own counters (busy_s, first_call_at, last_call_end),
-read by a subclass of pipeline.DecodeActor that only adds a dump after each call.
+read by harness.DecodeProbe, which pipeline.run hands every decode actor (its `probe=`).
 
     python benchmarks/busy_bench.py [--images 192] [--repeats 2] [--modes abcd] [--json out.json]
-
-Also holds the helpers the other benchmarks in this folder share (environment, loopback S3,
-shard writing, timing-table analysis).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import statistics
 import sys
 import tempfile
 import time
-import uuid
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-# -- shared helpers ---------------------------------------------------------------------------
-
-BENCH_ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # local Ray on 127.0.0.1 only (before import ray)
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
-
-
-def bench_env(threads: int | None = 1) -> None:
-    """Loopback-only Ray and fake AWS credentials; one torch/OpenMP thread per process if asked."""
-    for k, v in BENCH_ENV.items():
-        os.environ.setdefault(k, v)
-    if threads is not None:
-        for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ[k] = str(threads)
-
-
-def start_s3() -> tuple[Any, str]:
-    """A moto S3 server on 127.0.0.1 (random port); sets AWS_ENDPOINT_URL. Returns (server, url)."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    os.environ["AWS_ENDPOINT_URL"] = url
-    return server, url
-
-
-def make_bucket(url: str) -> str:
-    import boto3
-
-    name = f"bench-{uuid.uuid4().hex[:10]}"
-    boto3.client("s3", endpoint_url=url).create_bucket(Bucket=name)
-    return name
-
-
-def start_ray(num_cpus: int = 2, object_store_mb: int = 1024, **kwargs: Any) -> float:
-    """A local Ray (loopback, no dashboard); returns the seconds ray.init took."""
-    import ray
-
-    from pid_batch.pipeline import LOCAL_RAY_ENV
-
-    for k, v in LOCAL_RAY_ENV.items():  # as a Ray that pipeline.run starts itself
-        os.environ.setdefault(k, v)
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    t0 = time.perf_counter()
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        object_store_memory=object_store_mb * 2**20,
-        log_to_driver=False,
-        **kwargs,
-    )
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    return time.perf_counter() - t0
-
-
-def write_shards(
-    root: str,
-    images: int,
-    per_shard: int,
-    latent_hw: tuple[int, int],
-    seed: int = 0,
-    prefix: str = "img",
-) -> list[str]:
-    """FLUX-shaped PiD latents [16, h, w] in safetensors shards under `root`; returns the ids."""
-    import numpy as np
-
-    from pid_batch import codecs, storage
-
-    rng = np.random.default_rng(seed)
-    ids: list[str] = []
-    for s in range(0, images, per_shard):
-        n = min(per_shard, images - s)
-        sid = [f"{prefix}-{s + i:06d}" for i in range(n)]
-        lat = rng.standard_normal((n, 16, *latent_hw)).astype(np.float32)
-        data = codecs.write_safetensors_shard(lat, sid, captions=["a cat"] * n, backbone="flux")
-        storage.write_bytes_atomic(
-            storage.join(root, f"shard-{s // per_shard:05d}.safetensors"), data
-        )
-        ids += sid
-    return ids
-
-
-def run_probed(job, probe: type, probe_dir: str) -> tuple[float, float, dict, Any]:
-    """pipeline.run with DecodeActor wrapped by `probe`; (start, end, per-actor calls, result)."""
-    from pid_batch import pipeline
-    from pid_batch.timing import read_timing
-
-    probe_cls = type(
-        f"Probed{probe.__name__}", (probe, pipeline.DecodeActor), {"probe_dir": probe_dir}
-    )
-    original = pipeline.DecodeActor
-    pipeline.DecodeActor = probe_cls
-    try:
-        t0 = time.time()
-        result = pipeline.run(job, log=None)
-        t1 = time.time()
-    finally:
-        pipeline.DecodeActor = original
-    if result.exit_code:
-        raise RuntimeError(f"pipeline run failed: {result.summary.get('errors_by_reason')}")
-    return t0, t1, actor_calls(read_timing(job.output)), result
-
-
-def actor_calls(table) -> dict[str, list[tuple[float, float, int]]]:
-    """Per actor: its decode calls as (start epoch s, seconds inside decode, rows), in order.
-
-    Rows of one actor call share `started_at`; the call's decoder time is the sum of its rows'
-    decode_ms + text_ms (each row holds its share of the micro-batch time).
-    """
-    import pyarrow.compute as pc
-
-    ok = table.filter(pc.equal(table.column("status"), "ok"))
-    acc: dict[tuple[str, float], list[float]] = defaultdict(lambda: [0.0, 0])
-    started = ok.column("started_at").cast("int64").to_pylist()  # ms since epoch
-    for actor, st, dec, txt in zip(
-        ok.column("actor").to_pylist(),
-        started,
-        ok.column("decode_ms").to_pylist(),
-        ok.column("text_ms").to_pylist(),
-    ):
-        cell = acc[(actor, st / 1000)]
-        cell[0] += ((dec or 0.0) + (txt or 0.0)) / 1000
-        cell[1] += 1
-    calls: dict[str, list[tuple[float, float, int]]] = defaultdict(list)
-    for (actor, st), (busy, n) in sorted(acc.items(), key=lambda kv: kv[0][1]):
-        calls[actor].append((st, busy, int(n)))
-    return dict(calls)
-
-
-def busy_from_calls(calls: list[tuple[float, float, int]]) -> dict[str, float]:
-    """Busy fraction of one actor between its first decode start and its last decode end."""
-    first = calls[0][0]
-    last_end = max(st + b for st, b, _ in calls)
-    busy = sum(b for _, b, _ in calls)
-    return {
-        "first_start": first,
-        "last_end": last_end,
-        "busy_s": busy,
-        "span_s": last_end - first,
-        "busy": busy / max(1e-9, last_end - first),
-        "images": sum(n for *_, n in calls),
-        "calls": len(calls),
-    }
-
-
-def spread(values: list[float]) -> str:
-    """'mean (min–max)' of repeated measurements."""
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ({min(values):.3f}–{max(values):.3f})"
-
-
-def print_table(headers: list[str], rows: list[list[Any]]) -> None:
-    """A Markdown table on stdout."""
-    print("| " + " | ".join(headers) + " |")
-    print("|" + "|".join("---" for _ in headers) + "|")
-    for r in rows:
-        print("| " + " | ".join(str(c) for c in r) + " |")
-
-
-def machine() -> dict[str, Any]:
-    import platform
-
-    return {
-        "cpus": os.cpu_count(),
-        "load_avg_1m": round(os.getloadavg()[0], 2),
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    }
-
-
-# -- this benchmark ---------------------------------------------------------------------------
+from harness import (
+    DecodeProbe,
+    bench_env,
+    busy_from_calls,
+    machine,
+    make_bucket,
+    print_table,
+    probe_busy,
+    probe_cpu_share,
+    run_probed,
+    spread,
+    start_ray,
+    start_s3,
+    write_shards,
+)
 
 FORMAT, QUALITY = "jpeg", 95
 
@@ -263,34 +89,6 @@ def mode_a(lat, batch: int) -> dict[str, Any]:
     }
 
 
-class _Probe:
-    """Mixin for pipeline.DecodeActor: after each call, dump DecodeStage's counters to a file."""
-
-    probe_dir = ""
-    cpu_s = 0.0
-    call_s = 0.0
-
-    def __call__(self, batch):
-        t0, c0 = time.perf_counter(), time.thread_time()
-        out = super().__call__(batch)
-        self.cpu_s += time.thread_time() - c0
-        self.call_s += time.perf_counter() - t0
-        import torch
-
-        st = self.stage
-        rec = {
-            "cpu_share": self.cpu_s / self.call_s,
-            "pid": os.getpid(),
-            "busy_s": st.busy_s,
-            "first_call_at": st.first_call_at,
-            "last_call_end": st.last_call_end,
-            "startup_s": st.startup_s,
-            "torch_threads": torch.get_num_threads(),
-        }
-        Path(self.probe_dir, f"{os.getpid()}.json").write_text(json.dumps(rec))
-        return out
-
-
 def mode_b(
     bucket: str, rep: int, batch: int, probe_dir: str, prefetch: int | None = None
 ) -> dict[str, Any]:
@@ -306,13 +104,14 @@ def mode_b(
         if prefetch is None
         else ResourceConfig(batch_size=batch, prefetch_batches=prefetch),
     )
-    t0, t1, calls, _ = run_probed(job, _Probe, probe_dir)
+    probe = DecodeProbe(probe_dir)
+    t0, t1, calls, _ = run_probed(job, probe)
     per_actor = {a: busy_from_calls(c) for a, c in calls.items()}
     first = min(p["first_start"] for p in per_actor.values())
     last = max(p["last_end"] for p in per_actor.values())
     images = sum(p["images"] for p in per_actor.values())
-    probes = [json.loads(p.read_text()) for p in Path(probe_dir).glob("*.json")]
-    probe_busy = [p["busy_s"] / (p["last_call_end"] - p["first_call_at"]) for p in probes]
+    in_actor = probe_busy(probe)
+    threads = {c["torch_threads"] for a in probe.actors().values() for c in a["calls"]}
     # Call-to-call gaps: from the end of one call's decoding to the start of the next call.
     gaps = []
     for c in calls.values():
@@ -322,15 +121,15 @@ def mode_b(
         "steady_s": last - first,
         "img_per_s": images / (last - first),
         "busy": statistics.mean(p["busy"] for p in per_actor.values()),
-        "busy_probe": statistics.mean(probe_busy) if probe_busy else None,
-        "torch_threads": sorted({p["torch_threads"] for p in probes}),
+        "busy_probe": statistics.mean(in_actor) if in_actor else None,
+        "torch_threads": sorted(threads),
         "startup_s": first - t0,  # run() called → first decode starts (plan, actor start, read)
         "tail_s": t1 - last,  # last decode ends → run() returns (encode/write, markers, summary)
         "run_wall_s": t1 - t0,
         "gap_ms_p50": 1000 * statistics.median(gaps) if gaps else None,
         "gap_ms_max": 1000 * max(gaps) if gaps else None,
         "decoder_ms_per_image": 1000 * sum(p["busy_s"] for p in per_actor.values()) / images,
-        "decoder_cpu_share": statistics.mean(p["cpu_share"] for p in probes) if probes else None,
+        "decoder_cpu_share": probe_cpu_share(probe),
     }
 
 

@@ -16,11 +16,12 @@ first call) → first decode (rest of the first call) → encode + write of the 
 timing row's finished_at).
 
 Inputs hold two resolution buckets (latent 2×2 and 3×3 → 64² and 96²) over several shards, so
-every actor meets each bucket several times: the probe (a subclass of pipeline.DecodeActor that
-wraps `decoder.decode`) logs compile_ms and torch._dynamo's compiled-frame counter per call, and
-the script checks that dynamo compiled exactly one frame per (actor, bucket) and none after the
-bucket's first call. `--fix-warmup` applies the decoder.py warm-up fix in the actor (a no-op
-once decoder.py has it, as it does since commit d0a2f3d).
+every actor meets each bucket several times: the probe (harness.DecodeProbe, handed to the
+actors by pipeline.run's `probe=`, with decoder_calls on) logs compile_ms and torch._dynamo's
+compiled-frame counter per `Decoder.decode` call, and the script checks that dynamo compiled
+exactly one frame per (actor, bucket) and none after the bucket's first call. (The warm-up fix
+that made it so is in decoder.py since commit d0a2f3d; `--fix-warmup`, which applied it in the
+actor before then, is gone.)
 
     python benchmarks/cold_start.py [--configs eager,compile-cold,compile-warm] [--actors 1]
         [--storage local|s3] [--json out.json]
@@ -39,8 +40,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from busy_bench import (  # noqa: E402
+from harness import (
+    DecodeProbe,
     bench_env,
     machine,
     make_bucket,
@@ -51,77 +52,6 @@ from busy_bench import (  # noqa: E402
 )
 
 BUCKETS = ((2, 2), (3, 3))
-
-
-class _Probe:
-    """Mixin for pipeline.DecodeActor: logs init and every decode call to probe_dir/<pid>.jsonl."""
-
-    probe_dir = ""
-    fix_warmup = False
-
-    def __init__(self, job):
-        import psutil
-
-        self._log = Path(self.probe_dir, f"{os.getpid()}.jsonl")
-        t0 = time.time()
-        super().__init__(job)
-        dec = self.stage.decoder
-        if self.fix_warmup:
-            _fix_warmup(dec)
-        self._emit(
-            ev="init",
-            created=psutil.Process().create_time(),
-            init_start=t0,
-            init_end=time.time(),
-            load_s=getattr(dec, "load_s", None),
-        )
-        inner = dec.decode
-
-        def decode(latents, *args, **kwargs):
-            from torch._dynamo.utils import counters
-
-            frames0 = counters["frames"]["ok"]
-            t = time.time()
-            res = inner(latents, *args, **kwargs)
-            self._emit(
-                ev="decode",
-                start=t,
-                end=time.time(),
-                shape=list(latents[0].shape),
-                n=len(latents),
-                compile_ms=res.compile_ms,
-                frames=counters["frames"]["ok"] - frames0,
-                compiled_keys=[list(k) for k in getattr(dec, "_compiled", {})],
-            )
-            return res
-
-        dec.decode = decode
-
-    def _emit(self, **rec):
-        with open(self._log, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-
-
-def _fix_warmup(dec) -> None:
-    """Proposed decoder.py fix, applied to this instance: warm up with t laid out as sample() does.
-
-    sample() passes `(t * timescale).expand(B)` (stride 0); the compile warm-up passed
-    `torch.full((B,), 999.0)` (stride 1), so dynamo compiled twice per bucket.
-    """
-    import inspect
-    import textwrap
-    import types
-
-    import pid_batch.decoder as D
-
-    src = textwrap.dedent(inspect.getsource(D.Decoder._decode_micro))
-    old = "torch.full((len(seeds),), 999.0, device=self.device)"
-    if old not in src:  # decoder.py already carries the fix (commit d0a2f3d)
-        return
-    src = src.replace(old, "torch.tensor(999.0, device=self.device).expand(len(seeds))")
-    ns: dict = {}
-    exec(compile(src, D.__file__, "exec"), D.__dict__, ns)
-    dec._decode_micro = types.MethodType(ns["_decode_micro"], dec)
 
 
 def write_checkpoint(path: Path) -> None:
@@ -163,22 +93,18 @@ def run_config(name: str, args, root: str, ckpt: str, cache_dir: str) -> dict[st
             batch_size=args.batch_size,
         ),
     )
-    probe_dir = tempfile.mkdtemp(prefix="pidprobe-")
-    probe_cls = type(
-        "ProbedDecodeActor",
-        (_Probe, pipeline.DecodeActor),
-        {"probe_dir": probe_dir, "fix_warmup": args.fix_warmup},
-    )
+    probe = DecodeProbe(tempfile.mkdtemp(prefix="pidprobe-"), decoder_calls=True)
     marks: dict[str, float] = {}
     real_ensure = pipeline.ensure_ray
 
     def ensure_ray(job, **kw):
         marks["ray_start"] = time.time()
-        real_ensure(job, **kw)
+        started = real_ensure(job, **kw)
         marks["ray_ready"] = time.time()
+        return started
 
-    saved = pipeline.DecodeActor, pipeline.ensure_ray
-    pipeline.DecodeActor, pipeline.ensure_ray = probe_cls, ensure_ray
+    saved = pipeline.ensure_ray  # only to time ray.init inside run()
+    pipeline.ensure_ray = ensure_ray
     import ray
 
     try:
@@ -186,24 +112,19 @@ def run_config(name: str, args, root: str, ckpt: str, cache_dir: str) -> dict[st
         result = pipeline.run(
             job,
             log=None,
+            probe=probe,
             num_cpus=2,
             object_store_memory=512 * 2**20,
         )
         t1 = time.time()
     finally:
-        pipeline.DecodeActor, pipeline.ensure_ray = saved
+        pipeline.ensure_ray = saved
         ray.shutdown()
     if result.exit_code:
         raise RuntimeError(f"{name}: run failed {result.summary.get('errors_by_reason')}")
     table = read_timing(out)
     first_image = min(v.timestamp() for v in table.column("finished_at").to_pylist())
-    actors: dict[str, dict] = {}
-    for p in Path(probe_dir).glob("*.jsonl"):
-        recs = [json.loads(line) for line in p.read_text().splitlines()]
-        actors[p.stem] = {
-            "init": next(r for r in recs if r["ev"] == "init"),
-            "decodes": sorted((r for r in recs if r["ev"] == "decode"), key=lambda r: r["start"]),
-        }
+    actors = probe.actors()
     # The actor that decoded first defines the critical path to the first image.
     lead = min(actors.values(), key=lambda a: a["decodes"][0]["start"])
     init, first = lead["init"], lead["decodes"][0]
@@ -253,7 +174,6 @@ def run_config(name: str, args, root: str, ckpt: str, cache_dir: str) -> dict[st
         "load_s": init["load_s"],
         "dynamo_frames_per_actor_bucket": compiles,
         "warmup_compiles_per_actor_bucket": warmups,
-        "fix_warmup": args.fix_warmup,
         "calls_per_actor_bucket": calls_per_bucket,
         "dynamo_frames_after_first_call_per_bucket": later_frames,
         "compile_once_per_bucket": ok and later_frames == 0,
@@ -275,9 +195,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--storage", choices=("local", "s3"), default="local")
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument(
-        "--fix-warmup", action="store_true", help="apply the proposed decoder warm-up fix"
-    )
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     bench_env(threads=1)
@@ -335,8 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(
         f"\n{args.actors} actor(s), buckets {[f'{h * 32}x{w * 32}' for h, w in BUCKETS]}, "
-        f"{args.shards_per_bucket} shards × {args.shard_size} per bucket, storage {args.storage}, "
-        f"decoder warm-up fix {'on' if args.fix_warmup else 'off'}"
+        f"{args.shards_per_bucket} shards × {args.shard_size} per bucket, storage {args.storage}"
     )
     print_table(
         [

@@ -28,13 +28,11 @@ from pathlib import Path
 os.environ.setdefault("VIPS_CONCURRENCY", "1")
 
 import numpy as np  # noqa: E402
+from harness import machine, print_table  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pid_batch import codecs  # noqa: E402
 from pid_batch.codecs import images  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from busy_bench import machine, print_table  # noqa: E402
 
 
 def test_images(size: int, seed: int = 0) -> dict[str, np.ndarray]:

@@ -6,8 +6,8 @@
         checkpoint load, dtype, torch.compile, micro-batch), `Decoder.decode` over batches of
         `--batch-size` back to back; the first batch (compile, warm-up) is timed apart
   3. b  pipeline:     `pipeline.run` on a local Ray with 1 GPU, latent shards in / JPEG q95 out on
-        local disk, one decode actor; busy from the timing table (busy_bench.actor_calls) and
-        from an in-actor probe (busy_bench._Probe) that also records peak GPU memory
+        local disk, one decode actor; busy from the timing table (harness.actor_calls) and
+        from the in-actor probe (harness.DecodeProbe) that also records peak GPU memory
   4. print a table and write JSON: steady img/s of a and b, b/a, busy, peak GPU memory, card
 
 Steady = after each decoder's first call (compilation). No text encoder: null text (the cached
@@ -35,37 +35,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from busy_bench import (  # noqa: E402
-    _Probe,
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness, when loaded by a test
+from harness import (  # noqa: E402
+    DecodeProbe,
     bench_env,
     busy_from_calls,
     machine,
     print_table,
+    probe_busy,
     run_probed,
     start_ray,
     write_shards,
 )
 
 FORMAT, QUALITY = "jpeg", 95
-
-
-class _GpuProbe(_Probe):
-    """busy_bench's probe plus the actor's peak GPU memory and device name."""
-
-    def __call__(self, batch):
-        out = super().__call__(batch)
-        import torch
-
-        path = Path(self.probe_dir, f"{os.getpid()}.json")
-        rec = json.loads(path.read_text())
-        rec["calls"] = rec.get("calls", 0) + 1
-        if torch.cuda.is_available():
-            rec["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            rec["device"] = torch.cuda.get_device_name()
-        path.write_text(json.dumps(rec))
-        return out
 
 
 def model_config(args, checkpoint: str):
@@ -209,13 +192,16 @@ def steady(calls: list[tuple[float, float, int]]) -> list[tuple[float, float, in
 
 
 def mode_b(job, probe_dir: str) -> dict[str, Any]:
-    """pid-batch's pipeline, local disk in and out, one decode actor; busy as in busy_bench."""
-    t0, t1, calls, result = run_probed(job, _GpuProbe, probe_dir)
+    """pid-batch's pipeline, local disk in and out, one decode actor; busy as in busy_bench.py."""
+    probe = DecodeProbe(probe_dir)
+    t0, t1, calls, result = run_probed(job, probe)
     whole = {a: busy_from_calls(c) for a, c in calls.items()}
     st = {a: busy_from_calls(steady(c)) for a, c in calls.items()}
     images = sum(p["images"] for p in st.values())
     span = max(p["last_end"] for p in st.values()) - min(p["first_start"] for p in st.values())
-    probes = [json.loads(p.read_text()) for p in Path(probe_dir).glob("*.json")]
+    actors = probe.actors().values()
+    last_calls = [a["calls"][-1] for a in actors if a["calls"]]
+    in_actor = probe_busy(probe)
     first = min(p["first_start"] for p in whole.values())
     return {
         "images": images,
@@ -225,19 +211,19 @@ def mode_b(job, probe_dir: str) -> dict[str, Any]:
         "ms_per_image": 1000 * span / images if images else None,
         "busy": statistics.mean(p["busy"] for p in st.values()),
         "busy_whole": statistics.mean(p["busy"] for p in whole.values()),
-        "busy_probe": statistics.mean(
-            p["busy_s"] / (p["last_call_end"] - p["first_call_at"]) for p in probes
-        )
-        if probes
+        "busy_probe": statistics.mean(in_actor) if in_actor else None,
+        "actor_startup_s": statistics.mean(a["init"]["startup_s"] for a in actors)
+        if actors
         else None,
-        "actor_startup_s": statistics.mean(p["startup_s"] for p in probes) if probes else None,
         "startup_s": first - t0,
         "tail_s": t1 - max(p["last_end"] for p in whole.values()),
         "run_wall_s": t1 - t0,
         "run_img_per_s": result.processed / (t1 - t0),
-        "peak_gpu_mem_gib": max((p.get("peak_gpu_mem_gib") or 0.0 for p in probes), default=None)
+        "peak_gpu_mem_gib": max(
+            (c.get("peak_gpu_mem_gib") or 0.0 for c in last_calls), default=None
+        )
         or None,
-        "device": next((p["device"] for p in probes if p.get("device")), "cpu"),
+        "device": next((c["device"] for c in last_calls if c.get("device")), "cpu"),
     }
 
 

@@ -119,15 +119,6 @@ def write_shards(root: Path, samples: int, per_shard: int) -> None:
         )
 
 
-def spilled_total() -> int:
-    """Bytes the connected Ray has spilled since it started (`ray memory --stats-only`)."""
-    import ray
-    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
-
-    state = get_state_from_address(ray.get_runtime_context().gcs_address)
-    return int(get_memory_info_reply(state).store_stats.spilled_bytes_total)
-
-
 def spilled(session_dir: Path) -> tuple[int, list[str]]:
     """Bytes in Ray's spill directory, and the raylet's "Spilled ..." log lines."""
     spill = sum(

@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from busy_bench import actor_calls, bench_env, machine, print_table, write_shards  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness, when loaded by a test
+from harness import actor_calls, bench_env, machine, print_table, write_shards  # noqa: E402
 
 from pid_batch.plan import PAPER_LATENCY_MS as PAPER_MS  # noqa: E402  ms per 2048² image
 

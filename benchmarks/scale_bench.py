@@ -397,6 +397,7 @@ def pipeline_run(
     import load_bench  # MemorySampler, spilled, write_shards
     import numpy as np
     import ray
+    from harness import spilled_total
 
     from pid_batch import pipeline
     from pid_batch.job import JobConfig, ModelConfig, OutputConfig, ResourceConfig
@@ -421,7 +422,7 @@ def pipeline_run(
     run_s = time.time() - t0
     sampler.stop()
     spill, spill_lines = load_bench.spilled(session)
-    spill_total = load_bench.spilled_total()
+    spill_total = spilled_total()
     ray.shutdown()
     driver_end = rss_mb()
     early_n = min(10_000, samples // 10)  # the driver's RSS once this many samples are back

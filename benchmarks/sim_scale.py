@@ -11,9 +11,9 @@ For N = 1, 4, 8, 16 decode actors (`model.fake_latency_ms`, `resources.min_actor
   per-call overhead inside the actor, idle gaps between calls (starved), and the tail after its
   last call (other actors still finishing, last encode/write, done markers, summary).
 
-In-actor times come from a subclass of pipeline.DecodeActor that appends one JSON line per call
-to a local file (process create time, __init__ start/end, call start/end, DecodeStage.busy_s);
-it changes nothing else. Variants (`--variants`) patch the graph or Ray settings to test fixes.
+In-actor times come from harness.DecodeProbe, which pipeline.run hands every decode actor
+(`probe=`): one JSON line per event to a local file (process create time, __init__ start/end,
+call start/end, time in the decoder); it changes nothing else. Variants (`--variants`) patch the graph or Ray settings to test fixes.
 
     python benchmarks/sim_scale.py [--actors 1,4,8,16] [--duration 120] [--quick] [--json out.json]
     python benchmarks/sim_scale.py --actors 16 --variants base,enc64+ecpu0.5,enc64+ecpu0.5+pwrite
@@ -37,8 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from busy_bench import (  # noqa: E402
+from harness import (
+    DecodeProbe,
     actor_calls,
     bench_env,
     busy_from_calls,
@@ -51,37 +51,7 @@ from busy_bench import (  # noqa: E402
     write_shards,
 )
 
-from pid_batch.fake import DEFAULT_LATENCY_MS as LATENCY_MS  # noqa: E402
-
-
-class _Probe:
-    """Mixin for pipeline.DecodeActor: one JSON line per event in probe_dir/<pid>.jsonl."""
-
-    probe_dir = ""
-
-    def __init__(self, job):
-        import psutil
-
-        self._log = Path(self.probe_dir, f"{os.getpid()}.jsonl")
-        t0 = time.time()
-        super().__init__(job)
-        self._emit(
-            ev="init", created=psutil.Process().create_time(), init_start=t0, init_end=time.time()
-        )
-
-    def _emit(self, **rec):
-        with open(self._log, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-
-    def __call__(self, batch):
-        t0 = time.time()
-        busy0 = self.stage.busy_s
-        out = super().__call__(batch)
-        self._emit(
-            ev="call", start=t0, end=time.time(), busy=self.stage.busy_s - busy0, n=len(batch["id"])
-        )
-        return out
-
+from pid_batch.fake import DEFAULT_LATENCY_MS as LATENCY_MS
 
 # -- variants -----------------------------------------------------------------------------------
 # "raydata" is not the pipeline: the same N sleeping actors in a bare Ray Data script
@@ -163,7 +133,7 @@ def _graph_copy(read_cpus: float | None, pwrite: bool = False):
         real_build = pipeline.build_dataset
         reads = {reader.read_shard, reader.read_images}
 
-        def build_dataset(job, todo):
+        def build_dataset(job, todo, *args, **kwargs):
             real_map = ray.data.Dataset.map_batches
 
             def map_batches(self, fn, *args, **kwargs):
@@ -175,7 +145,7 @@ def _graph_copy(read_cpus: float | None, pwrite: bool = False):
 
             ray.data.Dataset.map_batches = map_batches
             try:
-                return real_build(job, todo)
+                return real_build(job, todo, *args, **kwargs)
             finally:
                 ray.data.Dataset.map_batches = real_map
 
@@ -230,17 +200,15 @@ def run_once(
     )
     probe_dir = tempfile.mkdtemp(prefix="pidprobe-")
     ray_s = start_ray()
-    probe_cls = type("ProbedDecodeActor", (_Probe, pipeline.DecodeActor), {"probe_dir": probe_dir})
-    saved = pipeline.DecodeActor, pipeline.build_dataset
-    pipeline.DecodeActor = probe_cls
-    if patch is not None:
+    saved = pipeline.build_dataset
+    if patch is not None:  # a variant of the graph, not of the actor
         pipeline.build_dataset = patch(pipeline, probe_dir)
     try:
         t0 = time.time()
-        result = pipeline.run(job, log=None)
+        result = pipeline.run(job, log=None, probe=DecodeProbe(probe_dir))
         t1 = time.time()
     finally:
-        pipeline.DecodeActor, pipeline.build_dataset = saved
+        pipeline.build_dataset = saved
         ray.shutdown()
     if result.exit_code or result.processed != images:
         raise RuntimeError(f"run failed: processed {result.processed}/{images}, {result.summary}")
@@ -258,7 +226,7 @@ def run_once(
 
 
 class _SleepUDF:
-    """The reference's actor: sleeps latency_ms per row, logs like _Probe, nothing else."""
+    """The reference's actor: sleeps latency_ms per row, logs as DecodeProbe does, nothing else."""
 
     def __init__(self, probe_dir: str, latency_ms: float):
         import psutil

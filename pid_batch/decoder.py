@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from pid_batch.backbones import CheckpointSpec
+from pid_batch.backbones.tensors import to_uint8
 from pid_batch.checkpoint import load_net
 from pid_batch.model import PidNet
 from pid_batch.model.flops import count_decode_flops
@@ -22,7 +23,6 @@ from pid_batch.sampling import (
     per_sample_generators,
     sample,
     student_t_list,
-    to_uint8,
 )
 from pid_batch.tiled import TiledNet
 from pid_batch.tiles import DEFAULT_MAX_OUTPUT_MEGAPIXELS, TILING_MODES, TilePlan, choose_tiling

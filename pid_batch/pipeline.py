@@ -26,7 +26,7 @@ import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 # Bind a local Ray to 127.0.0.1 only; must precede `import ray` (otherwise it listens on all interfaces).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -149,11 +149,30 @@ class _StageActor:
         return self.stage(batch)
 
 
+class DecodeProbe(Protocol):
+    """What run(probe=...) hands every decode actor (pickled): a benchmark's view into them.
+
+    started: once the stage is loaded (began: epoch s at which the actor's __init__ began);
+    called: after each call, with its batch, its start (epoch s) and the actor thread's CPU s.
+    """
+
+    def started(self, stage: Any, began: float) -> None: ...
+
+    def called(self, stage: Any, batch: dict, began: float, cpu_s: float) -> None: ...
+
+
 class DecodeActor(_StageActor):
     """Ray actor: stages.decode.DecodeStage (loads once, maps batches). A batch whose actor died
     DECODE_ATTEMPTS times on it becomes error rows instead of a fourth try."""
 
     stage_name = "DecodeStage"
+
+    def __init__(self, job: JobConfig, ledger: Any = None, probe: DecodeProbe | None = None):
+        began = time.time()
+        super().__init__(job, ledger)
+        self.probe = probe
+        if probe is not None and self.stage is not None:
+            probe.started(self.stage, began)
 
     def _where(self, decode) -> tuple:
         ctx = ray.get_runtime_context()
@@ -166,11 +185,15 @@ class DecodeActor(_StageActor):
 
     def __call__(self, batch):
         self._wait_if_broken()
+        began, cpu0 = time.time(), time.thread_time()
         if self.ledger is not None:
             key = f"{batch['shard'][0]}[{int(batch['index'][0])}]+{len(batch['id'])}"
             if ray.get(self.ledger.start.remote(key)) > DECODE_ATTEMPTS:
                 return self.stage(batch, fail=LOST_IN_DECODER)
-        return self.stage(batch)
+        rows = self.stage(batch)
+        if self.probe is not None:
+            self.probe.called(self.stage, batch, began, time.thread_time() - cpu0)
+        return rows
 
 
 class VaeActor(_StageActor):
@@ -272,9 +295,11 @@ def build_dataset(
     todo: list[dict[str, Any]],
     dups: ray.ObjectRef | None = None,
     ledger: Any = None,
+    probe: DecodeProbe | None = None,
 ) -> ray.data.Dataset:
     """The streaming graph over the shards still to do (dups: start_duplicate_scan's ref;
-    ledger: the run's RunLedger actor, None to let actors fail and retry as Ray does)."""
+    ledger: the run's RunLedger actor, None to let actors fail and retry as Ray does; probe:
+    handed to every decode actor, see DecodeProbe)."""
     res = job.resources
     ctx = ray.data.DataContext.get_current()
     # Per-operator reservation on (Ray's default, set in case the process turned it off): it
@@ -334,7 +359,7 @@ def build_dataset(
             max_size=res.max_actors,
             max_tasks_in_flight_per_actor=1 + res.prefetch_batches,
         ),
-        fn_constructor_kwargs={"job": job, "ledger": ledger},
+        fn_constructor_kwargs={"job": job, "ledger": ledger, "probe": probe},
         num_gpus=res.gpus_per_actor,
         num_cpus=res.cpus_per_actor,
         resources={f"accel_{res.accelerator}": 1} if res.accelerator else None,
@@ -432,12 +457,14 @@ def run(
     out: TextIO | None = sys.stdout,
     force_takeover: bool = False,
     started_at: float | None = None,
+    probe: DecodeProbe | None = None,
     **init_kwargs: Any,
 ) -> RunResult:
     """Run a decode job to completion; resumable: rerunning skips what is already done.
 
     log: diagnostics and progress lines; out: the summary (None: quiet). started_at: when the
-    command began (time.time()), so that the wall time covers start-up too.
+    command began (time.time()), so that the wall time covers start-up too. probe: handed to
+    every decode actor (benchmarks measure through it; see DecodeProbe).
     One driver per output: the output's lease (pid_batch.lease) refuses a second one while the
     first lives; force_takeover takes it from a driver known to be gone.
     """
@@ -445,7 +472,7 @@ def run(
     preflight(job)  # the checkpoint and encoders, before Ray starts and anything is written
     plan = resume.plan_shards(job)  # reads only: refuses empty input, colliding or changed shards
     with lease.hold(job.output, force=force_takeover):
-        return _run(job, plan, t0, log, out, init_kwargs)
+        return _run(job, plan, t0, log, out, init_kwargs, probe)
 
 
 def _run(
@@ -455,6 +482,7 @@ def _run(
     log: TextIO | None,
     out: TextIO | None,
     init_kwargs: dict,
+    probe: DecodeProbe | None = None,
 ) -> RunResult:
     check_output(job)
     result = RunResult(summary={}, shards_skipped=plan.skipped)
@@ -479,7 +507,7 @@ def _run(
             "(check the spelling)",
         )
     try:
-        _decode(job, plan, result, log)
+        _decode(job, plan, result, log, probe)
     except KeyboardInterrupt as e:  # Ctrl-C before our handler, or Interrupted
         raise Interrupted(getattr(e, "signum", signal.SIGINT), result.processed) from None
     return _summarize(job, plan, result, t0, out, shutdown=started)
@@ -497,7 +525,13 @@ def _terminal(stream: TextIO) -> bool:
         return False
 
 
-def _decode(job: JobConfig, plan: resume.Plan, result: RunResult, log: TextIO | None) -> None:
+def _decode(
+    job: JobConfig,
+    plan: resume.Plan,
+    result: RunResult,
+    log: TextIO | None,
+    probe: DecodeProbe | None = None,
+) -> None:
     """Stream the dataset over the plan's todo shards; fills result's counts as rows return."""
     todo = plan.todo
     # On the driver's node: a 0-CPU actor may land on any node, and with it on a worker node
@@ -509,7 +543,7 @@ def _decode(job: JobConfig, plan: resume.Plan, result: RunResult, log: TextIO | 
     )
     ledger = ray.remote(num_cpus=0)(RunLedger).options(scheduling_strategy=here).remote()
     dups = start_duplicate_scan(plan.shards) if job.input_kind != "images" else None
-    ds = build_dataset(job, todo, dups, ledger)
+    ds = build_dataset(job, todo, dups, ledger, probe)
     # Ray Data's progress bars in a terminal; elsewhere (a file, `ray job logs`) its fallback
     # prints a 10-line block every 10 s, so pid-batch's own progress lines stand in for it.
     bars = log is not None and _terminal(log)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -104,9 +103,3 @@ def sample(
         if callback is not None:
             callback(k, t_list[k], x)
     return x.clamp(-1, 1)
-
-
-def to_uint8(images: Tensor) -> np.ndarray:
-    """[B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3] via truncating `uint8((x + 1) * 127.5)`."""
-    x = (images.detach().float().clamp(-1, 1) + 1) * 127.5
-    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

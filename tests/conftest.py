@@ -62,3 +62,100 @@ def s3_bucket(s3_server):
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return name
+
+
+# -- one local Ray for the tests that can share it ---------------------------------------------
+# Tests that ask for `shared_ray` run on one private Ray (address="local", loopback only) for
+# the whole session: their modules run first, one after another (pytest_collection_modifyitems),
+# and the Ray stops after the last of them, before any test that starts a Ray of its own (a
+# fresh worker pool, a worker set-up hook, credentials in the workers' environment, a cluster,
+# the CLI or a subprocess that starts one by design).
+
+SHARED_RAY = {
+    "address": "local",
+    "num_cpus": 2,
+    "num_gpus": 1,  # logical: lets test_pipeline exercise num_gpus without a GPU
+    "include_dashboard": False,
+    "object_store_memory": 300 * 2**20,
+    "log_to_driver": False,
+}
+_STOP_SHARED_RAY = pytest.StashKey[bool]()
+_shared_session: list[str] = []  # the session name of the Ray shared_ray started, while it runs
+
+
+def _ray_up() -> bool:
+    import sys
+
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def _stop_shared_ray() -> None:
+    if _shared_session and _ray_up():
+        import ray
+
+        ray.shutdown()
+    _shared_session.clear()
+
+
+@pytest.fixture
+def shared_ray(s3_server):
+    """The session's shared local Ray (started on first use, after the S3 server so that its
+    workers inherit AWS_ENDPOINT_URL); yields the `ray` module."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(**SHARED_RAY)
+        _shared_session[:] = [ray.get_runtime_context().get_node_id()]
+    elif _shared_session != [ray.get_runtime_context().get_node_id()]:
+        raise RuntimeError("a Ray other than the shared one is running: a fixture left it up")
+    return ray
+
+
+def _module_path(item: pytest.Item) -> str:
+    return item.nodeid.split("::", 1)[0]
+
+
+@pytest.hookimpl(trylast=True)  # after -m/-k deselection: `items` is what runs
+def pytest_collection_modifyitems(config, items):
+    sharing = {_module_path(i) for i in items if "shared_ray" in getattr(i, "fixturenames", ())}
+    if not sharing:
+        return
+    first = {}
+    for n, item in enumerate(items):
+        first.setdefault(_module_path(item), n)
+    items.sort(key=lambda i: (_module_path(i) not in sharing, first[_module_path(i)]))
+    last = max(n for n, i in enumerate(items) if _module_path(i) in sharing)
+    items[last].stash[_STOP_SHARED_RAY] = True
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    try:
+        return (yield)
+    finally:
+        if item.stash.get(_STOP_SHARED_RAY, False):
+            _stop_shared_ray()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _stop_shared_ray()
+
+
+_RAY_BEFORE = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    item.stash[_RAY_BEFORE] = _ray_up()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """A test not marked slow must not start Ray in this process (the inner loop has no Ray):
+    one whose fixtures or body leave a Ray up that was not up before fails here. (A Ray in a
+    subprocess, or one started and stopped inside the test, is not seen: mark those by hand.)"""
+    result = yield
+    if not item.stash[_RAY_BEFORE] and _ray_up() and item.get_closest_marker("slow") is None:
+        pytest.fail("this test starts Ray: mark it @pytest.mark.slow", pytrace=False)
+    return result

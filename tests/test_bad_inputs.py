@@ -28,21 +28,6 @@ from pid_batch.timing import read_timing
 HUGE_CAPTION = "a very long caption " * 50_000  # 1 MB
 
 
-@pytest.fixture(scope="module")
-def local_ray(s3_server):
-    import ray
-
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=300 * 2**20,
-        log_to_driver=False,
-    )
-    yield ray
-    ray.shutdown()
-
-
 def _st(path: Path, tensors: dict, meta: dict | None = None) -> None:
     """A safetensors file written by the safetensors library (not by the code under test)."""
     path.write_bytes(st_save(tensors, metadata=meta))
@@ -210,7 +195,7 @@ def _tree(root: Path) -> set[str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_bad_input_corpus(local_ray, tmp_path):
+def test_bad_input_corpus(shared_ray, tmp_path):
     inp, out = tmp_path / "data" / "in", tmp_path / "data" / "runs" / "out"
     expect, ok = write_corpus(inp)
     before = _tree(tmp_path)
@@ -244,7 +229,7 @@ def test_bad_input_corpus(local_ray, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_duplicate_ids_are_error_rows_and_counted(local_ray, tmp_path):
+def test_duplicate_ids_are_error_rows_and_counted(shared_ray, tmp_path):
     inp, out = str(tmp_path / "in"), str(tmp_path / "out")
     write_flux_shards(inp, shards=1, per_shard=2, prefix="d")  # d0-0, d0-1
     # shard-001 repeats both ids of shard-000 (other latents) and one of its own.

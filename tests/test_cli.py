@@ -42,6 +42,7 @@ def demo_out(tmp_path_factory) -> Path:
 SAMPLES = 6  # bundled: 3 held-out photos + 3 training photos
 
 
+@pytest.mark.slow  # `pid-batch demo` starts Ray in a subprocess
 @pytest.mark.timeout(450)
 def test_demo_writes_images_baselines_timing_and_summary(demo_out):
     decoded = demo_out / "decoded"
@@ -53,6 +54,7 @@ def test_demo_writes_images_baselines_timing_and_summary(demo_out):
     assert summary["ok"] == SAMPLES and summary["error"] == 0
 
 
+@pytest.mark.slow  # `pid-batch demo` starts Ray in a subprocess
 @pytest.mark.timeout(450)
 def test_demo_images_are_recognisable_upscales_of_held_out_photos(demo_out):
     """Each held-out output matches its own photo: correlated with it, far closer than to the others."""

@@ -191,28 +191,13 @@ def test_latest_per_id_keeps_current_content_and_drops_read_shard_errors():
 # End to end on a local Ray (fake decoder)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=200 * 2**20,
-        log_to_driver=False,
-    )
-    yield ray
-    ray.shutdown()
-
-
 def run(job) -> dict:
     return pipeline.run(job, log=None).summary
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_colliding_names_each_reach_their_own_tar(tmp_path, ray_local):
+def test_colliding_names_each_reach_their_own_tar(tmp_path, shared_ray):
     put_shard(tmp_path / "in" / "k" / "c.safetensors", 6, [f"n{i}" for i in range(6)])
     put_shard(tmp_path / "in" / "k__c.safetensors", 6, [f"f{i}" for i in range(6)], seed=1)
     s = run(job_for(tmp_path / "in", tmp_path / "out", layout="tar"))
@@ -225,7 +210,7 @@ def test_colliding_names_each_reach_their_own_tar(tmp_path, ray_local):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_changed_deleted_and_fixed_inputs(tmp_path, ray_local):
+def test_changed_deleted_and_fixed_inputs(tmp_path, shared_ray):
     inp, out = tmp_path / "in", tmp_path / "out"
     put_shard(inp / "done.safetensors", 4, [f"d{i}" for i in range(4)])
     put_shard(inp / "open.safetensors", 4, [f"o{i}" for i in range(4)], nan_at=3)

@@ -50,9 +50,7 @@ def test_sleep_decoder_rejects_what_the_real_decoder_rejects():
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_pipeline_runs_with_the_fake_decoder(tmp_path):
-    import ray
-
+def test_pipeline_runs_with_the_fake_decoder(shared_ray, tmp_path):
     inp, out = str(tmp_path / "in"), str(tmp_path / "out")
     rng = np.random.default_rng(0)
     ids = []
@@ -69,17 +67,7 @@ def test_pipeline_runs_with_the_fake_decoder(tmp_path):
         images=OutputConfig(image_format="png"),
         resources=ResourceConfig(batch_size=4, cpus_per_actor=0.5, encode_cpus=0.5),
     )
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=200 * 2**20,
-        log_to_driver=False,
-    )
-    try:
-        result = pipeline.run(job, log=None)
-    finally:
-        ray.shutdown()
+    result = pipeline.run(job, log=None)
     assert result.exit_code == 0 and result.processed == len(ids)
     table = read_timing(out)
     assert sorted(table.column("id").to_pylist()) == sorted(ids)

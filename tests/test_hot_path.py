@@ -62,8 +62,8 @@ def test_bf16_weight_images_vs_fp32_reference(data_dir, name):
 
     from safetensors.torch import load_file
 
+    from pid_batch.backbones.tensors import to_uint8
     from pid_batch.model import build_net
-    from pid_batch.sampling import to_uint8
 
     meta = json.loads((data_dir / f"{name}.json").read_text())
     T = load_file(str(data_dir / f"{name}.safetensors"))

@@ -221,6 +221,7 @@ def test_bf16_autocast_and_weight_dtype_rules(fixture_net):
         bf16(*_fixture_args(T))
 
 
+@pytest.mark.slow  # torch.compile (dynamo tracing, eager backend): ~2-4 s
 def test_traces_as_one_graph(data_dir):
     """torch.compile-friendly: dynamo captures the whole forward without graph breaks."""
     name, _, T, net = _fixture(data_dir, "tiny_v1p5_flux2")  # the path with every feature

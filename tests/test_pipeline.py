@@ -28,26 +28,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 LATENT_HW = (2, 3)  # → a 64×96 output image with FLUX's 8× VAE and PiD's 4×
 
 
-@pytest.fixture(scope="module")
-def local_ray(s3_server):
-    """One local Ray for the module, loopback only, with one *logical* GPU to exercise num_gpus.
-
-    Started after the S3 server so workers inherit AWS_ENDPOINT_URL.
-    """
-    import ray
-
-    ray.init(
-        address="local",
-        num_cpus=2,
-        num_gpus=1,
-        include_dashboard=False,
-        object_store_memory=300 * 2**20,
-        log_to_driver=False,
-    )
-    yield ray
-    ray.shutdown()
-
-
 def write_shards(root: str, shards: int, per_shard: int, bad: dict | None = None) -> list[str]:
     """Write FLUX-shaped PiD latents; `bad` maps (shard, index) → a replacement latent array."""
     rng = np.random.default_rng(0)
@@ -88,7 +68,7 @@ def all_timing_rows(out: str) -> int:
     return sum(pq.read_table(io.BytesIO(storage.read_bytes(p))).num_rows for p in parts)
 
 
-def test_local_end_to_end_then_rerun_writes_nothing(local_ray, tmp_path):
+def test_local_end_to_end_then_rerun_writes_nothing(shared_ray, tmp_path):
     inp, out = str(tmp_path / "in"), str(tmp_path / "out")
     ids = write_shards(inp, shards=3, per_shard=3)
     result = pipeline.run(tiny_job(inp, out), log=None)
@@ -116,7 +96,7 @@ def test_local_end_to_end_then_rerun_writes_nothing(local_ray, tmp_path):
     assert {u: storage.size(u) for u in list_images(out)} == before
 
 
-def test_partial_output_resumes_only_missing_samples(local_ray, tmp_path):
+def test_partial_output_resumes_only_missing_samples(shared_ray, tmp_path):
     inp, out = str(tmp_path / "in"), str(tmp_path / "out")
     ids = write_shards(inp, shards=2, per_shard=4)
     pipeline.run(tiny_job(inp, out), log=None)
@@ -138,7 +118,7 @@ def test_partial_output_resumes_only_missing_samples(local_ray, tmp_path):
     assert again.summary["ok"] == len(ids)
 
 
-def test_corrupt_latent_gives_exactly_one_error_row(local_ray, tmp_path):
+def test_corrupt_latent_gives_exactly_one_error_row(shared_ray, tmp_path):
     inp, out = str(tmp_path / "in"), str(tmp_path / "out")
     nan = np.full((16, *LATENT_HW), np.nan, np.float32)
     ids = write_shards(inp, shards=2, per_shard=3, bad={(1, 1): nan})
@@ -158,7 +138,7 @@ def test_corrupt_latent_gives_exactly_one_error_row(local_ray, tmp_path):
     )
 
 
-def test_s3_end_to_end(local_ray, s3_bucket):
+def test_s3_end_to_end(shared_ray, s3_bucket):
     inp, out = f"s3://{s3_bucket}/latents", f"s3://{s3_bucket}/out/run-1"
     ids = write_shards(inp, shards=2, per_shard=2)
     result = pipeline.run(tiny_job(inp, out), log=None)
@@ -171,7 +151,7 @@ def test_s3_end_to_end(local_ray, s3_bucket):
     assert again.processed == 0
 
 
-def test_gpu_scheduling_path_with_logical_gpu(local_ray, tmp_path):
+def test_gpu_scheduling_path_with_logical_gpu(shared_ray, tmp_path):
     inp, out = str(tmp_path / "in"), str(tmp_path / "out")
     ids = write_shards(inp, shards=2, per_shard=2)
     result = pipeline.run(tiny_job(inp, out, gpus_per_actor=0.5, max_actors=2), log=None)
@@ -180,7 +160,7 @@ def test_gpu_scheduling_path_with_logical_gpu(local_ray, tmp_path):
     assert set(table.column("accelerator").to_pylist()) == {"cpu"}  # no CUDA here
 
 
-def test_output_written_with_other_settings_is_refused(local_ray, tmp_path):
+def test_output_written_with_other_settings_is_refused(shared_ray, tmp_path):
     inp, out = str(tmp_path / "in"), str(tmp_path / "out")
     write_shards(inp, shards=1, per_shard=1)
     pipeline.run(tiny_job(inp, out), log=None)
@@ -217,7 +197,7 @@ def write_images(root: str, n: int, size=(70, 53)) -> list[str]:
 
 @pytest.mark.parametrize("backend", ["local", "s3"])
 def test_image_inputs_encode_decode_with_baseline(
-    local_ray, tmp_path, s3_bucket, tiny_flux_vae, backend
+    shared_ray, tmp_path, s3_bucket, tiny_flux_vae, backend
 ):
     root = str(tmp_path) if backend == "local" else f"s3://{s3_bucket}"
     inp, out = storage.join(root, "archive"), storage.join(root, "out")
@@ -250,7 +230,7 @@ def test_image_inputs_encode_decode_with_baseline(
     assert pipeline.run(job, log=None).processed == 0
 
 
-def test_image_inputs_target_long_side_lands_exactly(local_ray, tmp_path, tiny_flux_vae):
+def test_image_inputs_target_long_side_lands_exactly(shared_ray, tmp_path, tiny_flux_vae):
     """70×53 archives at images.target_long_side 640: encoded at 160×121 (crop 160×120), decoded
     by PiD 4× to 640×480, which fits no tiny trained size: the decode is tiled and says so."""
     inp, out = str(tmp_path / "archive"), str(tmp_path / "out")
@@ -304,7 +284,7 @@ def test_image_inputs_need_a_vae():
         )
 
 
-def test_tar_layout_one_tar_per_shard_and_rerun(local_ray, tmp_path):
+def test_tar_layout_one_tar_per_shard_and_rerun(shared_ray, tmp_path):
     inp, out = str(tmp_path / "in"), str(tmp_path / "out")
     ids = write_shards(inp, shards=2, per_shard=3)
     job = JobConfig(
@@ -349,7 +329,7 @@ def test_tar_layout_one_tar_per_shard_and_rerun(local_ray, tmp_path):
     assert {t: storage.read_bytes(t) for t in tars} == before
 
 
-def test_tar_layout_on_s3_leaves_no_directory_markers(local_ray, s3_server, s3_bucket):
+def test_tar_layout_on_s3_leaves_no_directory_markers(shared_ray, s3_server, s3_bucket):
     """After a tar run the bucket holds objects only: no 0-byte `…/` markers (`_staging/<shard>/`)."""
     import boto3
 
@@ -370,7 +350,7 @@ def test_tar_layout_on_s3_leaves_no_directory_markers(local_ray, s3_server, s3_b
     assert sum(k.endswith(".tar") for k in keys) == 2 and len(ids) == 6
 
 
-def test_actor_pool_grows_under_load(local_ray, tmp_path):
+def test_actor_pool_grows_under_load(shared_ray, tmp_path):
     """min_actors=1, max_actors=2: with a queue of shards the pool starts its second actor."""
     # Each shard is one batch, so one decode task (8 × 300 ms). The pool grows once its first actor is busy;
     # the second must start before the other 5 shards have all gone to the first (~12 s;
@@ -390,18 +370,22 @@ def test_actor_pool_grows_under_load(local_ray, tmp_path):
     assert len(actors) == 2, actors
 
 
-def _spilled_bytes_total() -> int:
-    """benchmarks/load_bench.spilled_total(): bytes the local Ray has spilled since it started."""
+def _harness():
+    """benchmarks/harness.py: the benchmarks' library (not a script: importing it runs nothing)."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "load_bench.py"
-    spec = importlib.util.spec_from_file_location("load_bench", path)
-    load_bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(load_bench)
-    return load_bench.spilled_total()
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "harness.py"
+    spec = importlib.util.spec_from_file_location("harness", path)
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    return harness
 
 
-def test_decoder_faster_than_encoders_does_not_spill(local_ray, tmp_path):
+def _spilled_bytes_total() -> int:
+    return _harness().spilled_total()
+
+
+def test_decoder_faster_than_encoders_does_not_spill(shared_ray, tmp_path):
     """Decoded images wait for the encoders inside Ray Data's object-store budget: 400 MB of
     decoder output through a 300 MB store spills nothing. (With per-operator reservations off
     nothing bounded the decoder's output: this test spilled, and the 100k-sample run of
@@ -426,7 +410,7 @@ def test_decoder_faster_than_encoders_does_not_spill(local_ray, tmp_path):
     assert _spilled_bytes_total() - before == 0
 
 
-def test_shards_are_cut_into_batch_blocks_inside_the_read_task(local_ray):
+def test_shards_are_cut_into_batch_blocks_inside_the_read_task(shared_ray):
     """Decode tasks are one batch, not one shard; the cut costs no extra task (fused)."""
     from ray.data._internal.logical.optimizers import get_execution_plan
 
@@ -513,3 +497,20 @@ def test_ensure_ray_starts_a_private_ray_unless_told(
     job = JobConfig(input="x", output="y", model=model, ray_address=job_address)
     pipeline.ensure_ray(job)
     assert seen["address"] == expected
+
+
+def test_a_probe_sees_every_decode_actor_through_run(shared_ray, tmp_path):
+    """run(probe=...) hands the probe to each decode actor: benchmarks measure through it
+    (benchmarks/harness.DecodeProbe) instead of replacing the actor class."""
+    inp, out = str(tmp_path / "in"), str(tmp_path / "out")
+    ids = write_shards(inp, shards=2, per_shard=4)
+    probe = _harness().DecodeProbe(str(tmp_path))
+    result = pipeline.run(tiny_job(inp, out, batch_size=2), log=None, probe=probe)
+    assert result.exit_code == 0 and result.processed == len(ids)
+    actors = probe.actors()
+    assert actors and all(a["init"]["init_end"] >= a["init"]["init_start"] for a in actors.values())
+    calls = [c for a in actors.values() for c in a["calls"]]
+    assert sum(c["n"] for c in calls) == len(ids)
+    assert all(0 < c["busy"] <= c["end"] - c["start"] for c in calls)
+    table_actors = set(read_timing(out).column("actor").to_pylist())  # "node:pid"
+    assert {a.rsplit(":", 1)[-1] for a in table_actors} == set(actors)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from pid_batch.backbones.tensors import to_uint8
 from pid_batch.config import DEFAULT_T_LIST, VARIANTS, tiny
 from pid_batch.model import PidNet
 from pid_batch.sampling import (
@@ -13,7 +14,6 @@ from pid_batch.sampling import (
     per_sample_generators,
     sample,
     student_t_list,
-    to_uint8,
 )
 
 

@@ -166,3 +166,10 @@ def to_pid(
     if isinstance(latent, torch.Tensor) and latent.device.type != "cpu":
         out = out.to(latent.device)
     return out, sigma_value
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Pixels PiD and the VAEs decode to, [B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3]: truncating
+    `uint8((x + 1) * 127.5)` (docs/model.md)."""
+    x = (images.detach().float().clamp(-1, 1) + 1) * 127.5
+    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

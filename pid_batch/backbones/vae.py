@@ -286,7 +286,7 @@ class VaeCodec:
 
     def decode(self, pid_latents: Sequence) -> list[np.ndarray]:
         """PiD-form latents [C, h, w] -> H×W×3 uint8 images: the backbone's own decode (baseline)."""
-        from pid_batch.sampling import to_uint8
+        from pid_batch.backbones.tensors import to_uint8
 
         start = time.perf_counter()
         images = [to_uint8(x[None])[0] for x in self.decode_float(pid_latents)]

@@ -17,10 +17,11 @@ import torch
 from torch import Tensor
 
 from pid_batch import codecs
+from pid_batch.backbones.tensors import to_uint8
 from pid_batch.config import DEFAULT_T_LIST
 from pid_batch.model.demo_ae import DemoAutoencoder
 from pid_batch.model.pid_net import PidNet
-from pid_batch.sampling import per_sample_generators, sample, student_t_list, to_uint8
+from pid_batch.sampling import per_sample_generators, sample, student_t_list
 from pid_batch.train.common import null_caption
 from pid_batch.train.data import SampleImage, centre_square, downscale, load_image, upscale
 from pid_batch.train.teacher import euler_sample
