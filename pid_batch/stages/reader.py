@@ -150,33 +150,21 @@ def read_images(batch: Batch, job: JobConfig) -> Batch:
                 with Image.open(io.BytesIO(storage.read_bytes(uri))) as im:
                     pixels = np.asarray(im.convert("RGB"), dtype=np.uint8)
             except Exception as e:
-                _add(
-                    out,
-                    job,
-                    key,
-                    fp,
-                    id=sample_id,
-                    index=index,
-                    status="error",
-                    error=f"sample {sample_id!r}: unreadable image: {redact(str(e))}",
-                    read_ms=(time.perf_counter() - t0) * 1000,
-                )
+                cells = {
+                    "status": "error",
+                    "error": f"sample {sample_id!r}: unreadable image: {redact(str(e))}",
+                }
             else:
-                _add(
-                    out,
-                    job,
-                    key,
-                    fp,
-                    id=sample_id,
-                    index=index,
-                    status="encode",
-                    caption=job.sampling.caption,
-                    sigma=float(job.sampling.sigma),
-                    seed=sample_seed(job.sampling.seed, sample_id),
-                    pixels=pixels.tobytes(),
-                    pshape=list(pixels.shape),
-                    read_ms=(time.perf_counter() - t0) * 1000,
-                )
+                cells = {
+                    "status": "encode",
+                    "caption": job.sampling.caption,
+                    "sigma": float(job.sampling.sigma),
+                    "seed": sample_seed(job.sampling.seed, sample_id),
+                    "pixels": pixels.tobytes(),
+                    "pshape": list(pixels.shape),
+                }
+            read_ms = (time.perf_counter() - t0) * 1000
+            _add(out, job, key, fp, id=sample_id, index=index, read_ms=read_ms, **cells)
         if len(out["id"]) == n0:  # every image has an ok row: a crash came before the marker
             finish_shard(job, key, fp, all_ok=True)
         _finish_shard(out, len(out["id"]) - n0)
