@@ -215,7 +215,9 @@ def lose_run(bench, tmp_path_factory):
 def test_decode_actors_on_both_node_types(bench, lose_run):
     r, out = lose_run
     nodes = {g["node_id"]: g for g in r["per_node"]}
-    assert sorted(g["kind"] for g in nodes.values()) == ["gb200", "rtx", "rtx"]  # not the head
+    # Both node types decoded, never the head. Not "all three GPU nodes": under load a node's
+    # actor can start after the others have drained the job (seen here once, load ~30).
+    assert {g["kind"] for g in nodes.values()} == {"gb200", "rtx"}, r["per_node"]
     for g in nodes.values():
         assert g["class"] == g["kind"]  # the class the actor read from its node's label
         assert g["micro_batch"] == bench.MICRO_BATCH[g["kind"]]
