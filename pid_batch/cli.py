@@ -60,9 +60,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def _an_output(uri: str) -> None:
+    """Refuse a URI that no run wrote (every run writes run.json first): a typo would otherwise
+    read as an empty output, and `report` would write into it."""
+    from pid_batch import storage
+
+    if not storage.exists(storage.join(uri, "run.json")):
+        raise FileNotFoundError(f"{uri!r} is not a pid-batch output (no run.json there)")
+
+
 def cmd_summary(args: argparse.Namespace) -> int:
     from pid_batch.summary import format_summary, summarize_output
 
+    _an_output(args.output)
     s = summarize_output(args.output)  # shard by shard: memory ~28 B per sample, not the table
     print(json.dumps(s, indent=2) if args.json else format_summary(s))
     return 0
@@ -71,6 +81,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from pid_batch.report import write_report
 
+    _an_output(args.output)
     print(write_report(args.output, dest=args.dest, max_images=args.max_images))
     return 0
 
@@ -244,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return getattr(e, "exit_code", 130)
+    except BrokenPipeError:  # `pid-batch inspect ... | head` closed stdout: not our error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+        return 0
     except (JobConfigError, FileNotFoundError, ValueError, OSError) as e:
         if args.verbose:
             raise

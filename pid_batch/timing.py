@@ -384,6 +384,9 @@ def compact(out: str, key: str, attempts: int = 20) -> int:
 _PREFIX = re.compile(r"^\S+\[\d+\] id=(?:'[^']*'|\"[^\"]*\"): ")
 
 
+REASON_CHARS = 240  # a group's key, also what the summary prints: one line of a wide terminal
+
+
 def error_reason(message: str | None) -> str:
     """The reason of an error message, for grouping: without its shard/id prefix, quoted ids,
     an unreadable shard's name, and numbers, so alike errors group. The one grouping of
@@ -392,8 +395,8 @@ def error_reason(message: str | None) -> str:
     msg = re.sub(r"sample (?:'[^']*'|\"[^\"]*\"): ", "", msg)  # decoder/latent errors
     msg = re.sub(r"\b(id=?\s?)('[^']*'|\"[^\"]*\")", r"\1…", msg)  # "duplicate id 'x'"
     msg = re.sub(r"^(shard unreadable: shard )\S+: ", r"\1…: ", msg)  # codecs.ShardError
-    msg = re.sub(r"\d+(\.\d+)?", "N", msg)
-    return msg[:120]
+    msg = re.sub(r"\b\d+(\.\d+)?\b", "N", msg)  # counts and sizes; not names (sd3, 4step)
+    return msg[:REASON_CHARS]
 
 
 def errors_by_reason(table: pa.Table) -> dict[str, tuple[int, str]]:

@@ -100,6 +100,32 @@ def test_summary_report_inspect_on_demo_output(demo_out):
     assert d["samples"] == SAMPLES and d["shards_found"] == 1
 
 
+@pytest.mark.slow  # reuses the demo's output (Ray started once, in the fixture)
+@pytest.mark.timeout(400)
+def test_demo_rerun_resumes_instead_of_redoing(demo_out):
+    r = cli("demo", "--output", str(demo_out), "--num-cpus", "2", timeout=400)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "nothing to do" in r.stdout, r.stdout
+
+
+def test_demo_inputs_are_not_rewritten_when_unchanged(tmp_path):
+    """A rewritten input shard has a new fingerprint: the rerun would redo the whole output."""
+    from pid_batch import demo
+
+    for write in (demo.write_bundled_samples, demo.write_demo_shards):
+        root = tmp_path / write.__name__
+        (uri, *_) = write(str(root))
+        os.utime(uri, (1, 1))
+        write(str(root))
+        assert os.stat(uri).st_mtime == 1
+
+
+def test_report_on_a_path_no_run_wrote_writes_nothing(tmp_path):
+    missing = tmp_path / "typo"
+    assert main(["report", str(missing)]) == 2
+    assert not missing.exists()
+
+
 def test_demo_random_weights_job_is_the_tiny_preset(tmp_path):
     from pid_batch import demo
 
@@ -119,15 +145,13 @@ def test_plan_prints_answer_and_assumptions(capsys):
     [
         (["plan", "10", "2048by2048", "--gpus", "gb200=1"], "WIDTHxHEIGHT"),
         (["inspect", "/nonexistent/latents"], "/nonexistent/latents"),
-        (["summary", "/nonexistent/out"], None),
+        (["summary", "/nonexistent/out"], "is not a pid-batch output"),
+        (["report", "/nonexistent/out"], "is not a pid-batch output"),
     ],
 )
 def test_errors_are_one_line_without_traceback(argv, message, capsys):
     code = main(argv)
     err = capsys.readouterr().err
-    if message is None:  # an empty output is a valid (empty) summary
-        assert code == 0
-        return
     assert code == 2
     assert err.startswith("pid-batch: error:") and message in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -70,6 +70,11 @@ def test_error_reason_groups_alike_messages():
     b = error_reason("t.parquet[40] id='y-z': latent has 7 NaN/Inf values")
     assert a == b == "latent has N NaN/Inf values"
     assert error_reason(None) == "unknown"
+    # Numbers inside names stay (the summary prints the reason as the message), counts go.
+    wrong = "backbone 'flux' is not this job's backbone 'sd3' (checkpoint PiD_res2k_sr4x_sd3_4step)"
+    assert error_reason(wrong) == wrong
+    oom = "decode failed: OutOfMemoryError: tried to allocate {} MiB on device 0"
+    assert error_reason(oom.format(512)) == error_reason(oom.format(1024.5))
     assert error_reason("decode failed: RuntimeError: boom") == "decode failed: RuntimeError: boom"
     shard_a = error_reason("shard unreadable: shard in/a.safetensors: truncated: 7 bytes")
     shard_b = error_reason("shard unreadable: shard in/b.safetensors: truncated: 3 bytes")
