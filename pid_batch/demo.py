@@ -106,9 +106,13 @@ def write_baselines(job: JobConfig) -> list[str]:
 
 
 def quality_lines() -> list[str]:
-    """Held-out PSNR/SSIM of the bundled decoder, as measured when it was trained."""
+    """Held-out PSNR/SSIM/seam ratio of the bundled decoder, as measured when it was trained."""
     q = json.loads(bundled("quality").read_text())
     lines = [f"held-out quality ({', '.join(q['images'])}; {q['what']}):"]
     for name, m in q["methods"].items():
-        lines.append(f"  {name:18s} PSNR {m['mean_psnr_db']:6.2f} dB  SSIM {m['mean_ssim']:.4f}")
+        line = f"  {name:18s} PSNR {m['mean_psnr_db']:6.2f} dB  SSIM {m['mean_ssim']:.4f}"
+        if "worst_seam_ratio" in m:  # absent for rows measured before the seam ratio existed
+            line += f"  worst seam ratio {m['worst_seam_ratio']:.2f}"
+        lines.append(line)
+    lines.append(f"  {'photo':18s} worst seam ratio {max(q['photo_seam_ratio']):.2f} (1: no grid)")
     return lines

@@ -82,13 +82,14 @@ def log(msg: str) -> None:
 
 
 def run_evaluate(work: Path) -> dict:
-    """Held-out PSNR/SSIM of the student (as bundled: bf16 weights) and teacher; contact sheet."""
+    """Held-out PSNR/SSIM/seam ratio of the student (bf16 weights, as bundled) and teacher, and
+    the contact sheet."""
     cfg = demo_net_config()
     ae = load_autoencoder(work / "autoencoder" / "autoencoder.safetensors")
     student = load_net(work / "student" / "student.safetensors", cfg)
     teacher = load_teacher(work / "teacher" / "teacher.safetensors", cfg)
     recon = evaluate.reconstruct(list(HELD_OUT_IMAGES), ae, student, teacher)
-    table = evaluate.quality_table(list(HELD_OUT_IMAGES), recon)
+    table = evaluate.quality_table(list(HELD_OUT_IMAGES), recon, cfg.patch_size)
     evaluate.contact_sheet(recon, work / "held_out_sheet.png")
     notes = {
         "what": "held-out images (never trained on), centre square at 256x256; PiD decodes the "
@@ -98,6 +99,8 @@ def run_evaluate(work: Path) -> dict:
         "teacher_4step": "the teacher through the student's 4-step SDE sampler (no distillation)",
         "bicubic_ae_decode": "bicubic 4x of the autoencoder's own decode (no PiD)",
         "bicubic_true_lr": "bicubic 4x of the true low-resolution image (no autoencoder loss)",
+        "seam_ratio": "mean |step| between neighbouring grey levels across the 16-px patch grid's "
+        "lines / across all other neighbours; a photo is about 1, a mosaic well above",
         "command": "python -m pid_batch.train evaluate --work <dir>",
     }
     evaluate.write_quality(table, work / "quality.json", notes)
