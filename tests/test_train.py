@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,7 +25,7 @@ pytest.importorskip("skimage", reason="the train extra (scikit-image) provides t
 
 from pid_batch.train import autoencoder as ae_train  # noqa: E402
 from pid_batch.train import dmd, teacher  # noqa: E402
-from pid_batch.train.common import null_caption  # noqa: E402
+from pid_batch.train.common import null_caption, x0_regression_loss  # noqa: E402
 from pid_batch.train.data import (  # noqa: E402
     HELD_OUT_IMAGES,
     TRAIN_IMAGES,
@@ -31,6 +33,7 @@ from pid_batch.train.data import (  # noqa: E402
     downscale,
     load_image,
 )
+from pid_batch.train.evaluate import seam_ratio  # noqa: E402
 
 TINY = tiny(VARIANTS["v1_sr4x_c16"])
 
@@ -111,6 +114,34 @@ def test_teacher_loss_decreases_on_a_fixed_batch(images, small_ae):
 
     first, last = fit(loss, net.parameters(), steps=15, lr=1e-3)
     assert last < 0.8 * first
+
+
+def grey_rgb(a: np.ndarray) -> np.ndarray:
+    return np.clip(a, 0, 255).astype(np.uint8)[..., None].repeat(3, axis=2)
+
+
+def test_seam_ratio_sees_a_patch_grid_and_not_a_smooth_picture():
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:128, 0:128]
+    smooth = 60 + 0.5 * xx + 0.4 * yy + rng.normal(0, 4, (128, 128))  # same steps everywhere
+    tiles = rng.normal(0, 20, (8, 8)).repeat(16, axis=0).repeat(16, axis=1)  # a 16-px mosaic
+    columns = rng.normal(0, 20, (1, 8)).repeat(16, axis=1)  # jumps across one axis only
+    assert 0.9 < seam_ratio(grey_rgb(smooth)) < 1.1
+    assert seam_ratio(grey_rgb(smooth + tiles)) > 2.0
+    assert seam_ratio(grey_rgb(smooth + columns)) > 1.5
+    assert seam_ratio(grey_rgb(smooth + tiles), patch=13) < 1.1  # not the grid it was made on
+
+
+def test_regression_step_term_penalises_a_mosaic_error_more_than_a_flat_one():
+    x0 = torch.zeros(1, 3, 32, 32)
+    flat = torch.full_like(x0, 0.2)  # same error everywhere
+    signs = (
+        torch.tensor([[1.0, -1.0], [-1.0, 1.0]]).repeat_interleave(16, 0).repeat_interleave(16, 1)
+    )
+    mosaic = 0.2 * signs.expand_as(x0)  # same squared error, jumps at the 16-px borders
+    assert x0_regression_loss(flat, x0, 0.0) == pytest.approx(x0_regression_loss(mosaic, x0, 0.0))
+    assert x0_regression_loss(flat, x0, 1.0) == pytest.approx(0.04)
+    assert x0_regression_loss(mosaic, x0, 1.0) > 0.04 * 1.05
 
 
 def test_dmd_gradient_is_zero_when_fake_equals_real_and_points_from_fake_to_real(images, small_ae):
@@ -228,3 +259,47 @@ def test_training_forward_after_an_inference_decode_of_the_same_size():
         net(torch.randn(1, 3, 64, 64), *args)
     net(torch.randn(1, 3, 64, 64), *args).square().mean().backward()
     assert net.final_layer.linear.weight.grad is not None
+
+
+@pytest.mark.slow  # four 256² steps of the demo decoder on three photos
+def test_bundled_quality_table_is_what_the_bundled_files_measure():
+    """quality.json (printed by `pid-batch demo`, copied into README) re-measured from the
+    bundled student and autoencoder: the student's and the baselines' rows agree."""
+    import json
+
+    from pid_batch.assets import DEMO_DIR, DEMO_FILES
+    from pid_batch.train import evaluate
+    from pid_batch.train.__main__ import demo_net_config
+
+    cfg = demo_net_config()
+    ae = load_autoencoder(DEMO_DIR / DEMO_FILES["autoencoder"])
+    student = load_net(DEMO_DIR / DEMO_FILES["student"], cfg)
+    recon = evaluate.reconstruct(list(HELD_OUT_IMAGES), ae, student, None)
+    fresh = evaluate.quality_table(list(HELD_OUT_IMAGES), recon, cfg.patch_size)
+    bundled = json.loads((DEMO_DIR / DEMO_FILES["quality"]).read_text())
+    assert bundled["images"] == fresh["images"]
+    assert bundled["photo_seam_ratio"] == fresh["photo_seam_ratio"]
+    for method in ("bicubic_true_lr", "bicubic_ae_decode", "student"):
+        b, f = bundled["methods"][method], fresh["methods"][method]
+        assert b["mean_psnr_db"] == pytest.approx(f["mean_psnr_db"], abs=0.02), method
+        assert b["worst_seam_ratio"] == pytest.approx(f["worst_seam_ratio"], abs=0.01), method
+
+
+def test_student_regression_term_alone_pulls_its_output_toward_the_crops(
+    tmp_path, images, small_ae
+):
+    torch.manual_seed(0)
+    t = PidNet(TINY).eval()
+    hp = dmd.DistillTraining(batch=2, hr_size=64, dmd_weight=0.0, reg_weight=1.0, lr_student=1e-3)
+    x0 = CropSampler(images, 64, seed=11).batch(2)
+    lq, sigma = teacher.make_condition(small_ae, x0, torch.Generator().manual_seed(0))
+
+    def loss(net) -> float:
+        with torch.no_grad():
+            pred = dmd.student_x0(net, lq, sigma, (64, 64), 3, torch.Generator().manual_seed(4))
+        return x0_regression_loss(pred, x0, hp.grad_weight).item()
+
+    before = loss(t)
+    hp = dataclasses.replace(hp, steps=20, ema_decay=0.0, save_every=100)  # EMA = last weights
+    path = dmd.train_student(t, small_ae, images, tmp_path, hp, log=lambda m: None)
+    assert loss(load_net(path, TINY)) < 0.9 * before

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from pid_batch.backbones import TRAINED_SIGMA_MAX
 from pid_batch.config import NetConfig
@@ -43,6 +44,21 @@ def logit_normal_t(b: int, gen: torch.Generator, lo: float = 1e-3, hi: float = 0
 def x0_from_velocity(x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
     """x0 = x_t - t v for x_t = (1 - t) x0 + t eps and v = eps - x0 (docs/model.md#steps)."""
     return x_t - t[:, None, None, None] * v
+
+
+def x0_regression_loss(x0_pred: Tensor, x0: Tensor, grad_weight: float) -> Tensor:
+    """Pixel MSE plus `grad_weight` x MSE of the steps between horizontal and vertical neighbours.
+
+    The step term penalises an output that is flat inside a patch and jumps at its border (the
+    demo decoder's mosaic) more than plain MSE does.
+    """
+    loss = F.mse_loss(x0_pred, x0)
+    if grad_weight > 0:
+        e = x0_pred - x0
+        loss = loss + grad_weight * (
+            e.diff(dim=-1).square().mean() + e.diff(dim=-2).square().mean()
+        )
+    return loss
 
 
 class Ema:

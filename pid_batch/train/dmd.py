@@ -11,7 +11,10 @@ Per generator step (Yin et al., "Improved Distribution Matching Distillation", 2
    fake-score network (tracking the student's output distribution) for their x0 estimates, and
    move the student's x0 along (fake - real), normalised per sample by |x0 - real|;
 4. the fake-score network is trained by flow matching on the student's (detached) outputs,
-   `fake_updates` times per generator step (two time-scale update rule).
+   `fake_updates` times per generator step (two time-scale update rule);
+5. optionally (`reg_weight > 0`, off by default) regression of the same x0 on the crop whose
+   latent conditioned it: pixel MSE plus the neighbour-step term of `x0_regression_loss`, the
+   paired loss DMD2 allows.
 An optional GAN term (`gan_weight > 0`) adds a small discriminator on noised images, real crops vs
 student outputs. The student is the inference `PidNet` and is written in the checkpoint format.
 """
@@ -39,6 +42,7 @@ from pid_batch.train.common import (
     restore_state,
     save_if_due,
     x0_from_velocity,
+    x0_regression_loss,
 )
 from pid_batch.train.data import CropSampler
 from pid_batch.train.teacher import flow_matching_loss, make_condition
@@ -56,6 +60,10 @@ class DistillTraining:
     fake_updates: int = 2  # fake-score updates per student update (TTUR)
     t_min: float = 0.02  # range of the DMD noise level
     t_max: float = 0.98
+    # Generator loss: dmd_weight x DMD + reg_weight x regression (step 5 of the module docstring).
+    dmd_weight: float = 1.0
+    reg_weight: float = 0.0
+    grad_weight: float = 1.0  # weight of the neighbour-step term inside the regression
     gan_weight: float = 0.0  # optional GAN term (0: off)
     ema_decay: float = 0.99
     seed: int = 0
@@ -168,14 +176,16 @@ def train_student(
         log(f"student: resumed at step {step}")
     clock = Clock(max_minutes)
     hw = (hp.hr_size, hp.hr_size)
-    run_dmd = run_fake = None
+    run_dmd = run_reg = run_fake = None
     while step < hp.steps:
         real_x0 = crops.batch(hp.batch)
         lq, sigma = make_condition(ae, real_x0, gen)
         k = int(torch.randint(0, 4, (), generator=gen))
         x0 = student_x0(student, lq, sigma, hw, k, gen)  # [B, 3, S, S]
-        loss = dmd_loss(x0, teacher, fake, lq, sigma, hp, gen)
-        dmd_value = loss.item()
+        dmd = dmd_loss(x0, teacher, fake, lq, sigma, hp, gen)
+        reg = x0_regression_loss(x0, real_x0, hp.grad_weight)
+        loss = hp.dmd_weight * dmd + hp.reg_weight * reg
+        dmd_value, reg_value = dmd.item(), reg.item()
         if disc is not None:
             t = hp.t_min + (hp.t_max - hp.t_min) * torch.rand(hp.batch, generator=gen)
             loss = loss + hp.gan_weight * F.softplus(-disc(noised(x0, t, gen), t)).mean()
@@ -201,11 +211,13 @@ def train_student(
             opt_d.step()
         step += 1
         run_dmd = dmd_value if run_dmd is None else 0.95 * run_dmd + 0.05 * dmd_value
+        run_reg = reg_value if run_reg is None else 0.95 * run_reg + 0.05 * reg_value
         f = fake_loss.item()
         run_fake = f if run_fake is None else 0.95 * run_fake + 0.05 * f
         if step % 10 == 0:
             log(
-                f"student step {step}/{hp.steps} dmd {run_dmd:.5f} fake {run_fake:.4f} "
+                f"student step {step}/{hp.steps} dmd {run_dmd:.5f} reg {run_reg:.4f} "
+                f"fake {run_fake:.4f} "
                 f"({clock.elapsed():.0f}s)"
             )
         if save_if_due(
