@@ -217,8 +217,7 @@ def train_student(
         if step % 10 == 0:
             log(
                 f"student step {step}/{hp.steps} dmd {run_dmd:.5f} reg {run_reg:.4f} "
-                f"fake {run_fake:.4f} "
-                f"({clock.elapsed():.0f}s)"
+                f"fake {run_fake:.4f} ({clock.elapsed():.0f}s)"
             )
         if save_if_due(
             state_path, parts, step, hp.steps, hp.save_every, clock, ema_updates=ema.updates
