@@ -99,8 +99,9 @@ def run_evaluate(work: Path) -> dict:
         "teacher_4step": "the teacher through the student's 4-step SDE sampler (no distillation)",
         "bicubic_ae_decode": "bicubic 4x of the autoencoder's own decode (no PiD)",
         "bicubic_true_lr": "bicubic 4x of the true low-resolution image (no autoencoder loss)",
-        "seam_ratio": "mean |step| between neighbouring grey levels across the 16-px patch grid's "
-        "lines / across all other neighbours; a photo is about 1, a mosaic well above",
+        "seam_ratio": "mean |step| between neighbouring grey levels at the 16-px patch grid (worst "
+        "of: last step inside a patch, step across the line, first step of the next patch) / the "
+        "median over the 16 step phases; a photo is about 1, a mosaic or framed patches above",
         "command": "python -m pid_batch.train evaluate --work <dir>",
     }
     evaluate.write_quality(table, work / "quality.json", notes)
